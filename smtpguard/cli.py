@@ -1,0 +1,120 @@
+"""Command line: ``smtpguard serve`` and ``smtpguard check``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+import trio
+
+from . import __version__
+from .config import Address, Config, ConfigError, load, load_file
+from .metrics import Metrics, serve_http
+from .proxy import Proxy
+
+log = logging.getLogger("smtpguard")
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+def _load(path: str | None) -> Config:
+    return load_file(path) if path else load({})
+
+
+async def _upstream_reachable(address: Address) -> bool:
+    with trio.move_on_after(2):
+        try:
+            stream = await trio.open_tcp_stream(address.host, address.port)
+        except OSError:
+            return False
+        await trio.aclose_forcefully(stream)
+        return True
+    return False
+
+
+async def serve(config: Config) -> None:
+    """Run smtpguard until SIGINT/SIGTERM."""
+    from .sink import serve_sink
+
+    metrics = Metrics()
+    async with trio.open_nursery() as nursery:
+        upstream = config.upstream
+        if upstream is None:
+            host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
+            upstream = Address(host, port)
+            log.info(
+                "no upstream configured: embedded sink on %s stores messages in %s",
+                upstream,
+                config.sink_directory,
+            )
+            print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
+        proxy = Proxy(config, metrics, upstream)
+        listeners = await nursery.start(proxy.serve)
+        for listener in listeners:
+            host, port = listener.socket.getsockname()[:2]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            print(f"smtpguard: listening on {shown}, relaying to {upstream}", flush=True)
+        if config.metrics_listen is not None:
+            address = config.metrics_listen
+            port = await nursery.start(
+                serve_http,
+                metrics,
+                address.host,
+                address.port,
+                lambda: _upstream_reachable(upstream),
+            )
+            print(f"smtpguard: metrics on http://{address.host}:{port}/metrics", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"smtpguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the proxy")
+    p_serve.add_argument(
+        "--config", help="YAML config file (default: built-in quick-start settings)"
+    )
+    p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p_check = sub.add_parser("check", help="validate a config file and exit")
+    p_check.add_argument("--config", required=True, help="YAML config file")
+    args = parser.parse_args(argv)
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"smtpguard: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        upstream = config.upstream or "embedded sink"
+        listen = ", ".join(str(a) for a in config.listen)
+        print(f"smtpguard: config OK (listen {listen}; upstream {upstream})")
+        return 0
+
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        trio.run(serve, config)
+    except OSError as exc:
+        print(f"smtpguard: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

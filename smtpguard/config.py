@@ -1,0 +1,291 @@
+"""Configuration: YAML loaded once into frozen, validated dataclasses.
+
+Every error names the key (dotted path) and the problem, e.g.
+``listen[1]: port must be 1-65535, got 70000``.  The rest of the code never
+sees raw YAML.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from .protocol import SessionOptions
+
+
+class ConfigError(Exception):
+    """A configuration problem: ``key`` names where, the message says what."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port; ``host`` is bare (no brackets) for IPv6."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """RFC 5321 4.5.3.2 timeouts, in seconds."""
+
+    connect_seconds: float = 30.0
+    #: Waiting for the upstream's greeting (4.5.3.2.1: 5 minutes).
+    greeting_seconds: float = 300.0
+    #: Waiting for replies to MAIL, RCPT and other commands (5 minutes).
+    command_reply_seconds: float = 300.0
+    #: Waiting for the 354 after DATA (2 minutes).
+    data_init_seconds: float = 120.0
+    #: Waiting for the reply after the final dot (10 minutes).
+    data_end_seconds: float = 600.0
+    #: A client's next complete command (server timeout: 5 minutes).
+    client_command_seconds: float = 300.0
+    #: A client's next chunk of DATA body (3 minutes per block).
+    client_data_seconds: float = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole validated configuration."""
+
+    listen: tuple[Address, ...]
+    #: None: start the embedded sink and relay to it.
+    upstream: Address | None
+    sink_directory: pathlib.Path
+    metrics_listen: Address | None
+    session: SessionOptions
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+DEFAULT_HELP = (
+    "smtpguard: SMTP proxy in front of this site's mail server.",
+    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY EXPN AUTH",
+    "For more, use HELP <command>.",
+)
+DEFAULT_HELP_TOPICS = {
+    "HELO": ("HELO <hostname>: introduce yourself (no extensions).",),
+    "EHLO": ("EHLO <hostname>: introduce yourself and list the extensions.",),
+    "MAIL": ("MAIL FROM:<sender> [parameters]: start a mail transaction (after EHLO/HELO).",),
+    "RCPT": ("RCPT TO:<recipient> [parameters]: add a recipient (after MAIL).",),
+    "DATA": ("DATA: send the message, ending with <CRLF>.<CRLF> (after RCPT).",),
+    "BDAT": ("BDAT <size> [LAST]: send a message chunk of <size> octets (after RCPT).",),
+    "RSET": ("RSET: abort the current mail transaction.",),
+    "NOOP": ("NOOP: do nothing.",),
+    "QUIT": ("QUIT: end the session.",),
+    "VRFY": ("VRFY <address>: verify an address.",),
+    "EXPN": ("EXPN <list>: expand a mailing list.",),
+    "AUTH": ("AUTH <mechanism> [initial-response]: authenticate (after EHLO).",),
+    "HELP": ("HELP [command]: this text.",),
+}
+
+_TOP_KEYS = {
+    "hostname",
+    "listen",
+    "upstream",
+    "sink",
+    "metrics",
+    "help",
+    "pipelining",
+    "ehlo",
+    "limits",
+    "timeouts",
+}
+
+
+def parse_address(key: str, value: object, default_port: int | None = None) -> Address:
+    """Parse ``host:port`` or ``[v6]:port``."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a 'host:port' string, got {value!r}")
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(key, f"bad IPv6 address {value!r}; write [addr]:port")
+        port_text = rest[1:]
+        try:
+            socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            raise ConfigError(key, f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            host, port_text = value, ""
+        if ":" in host:
+            raise ConfigError(key, f"IPv6 addresses need brackets: [addr]:port, got {value!r}")
+    if not port_text:
+        if default_port is None:
+            raise ConfigError(key, f"missing port in {value!r}")
+        return Address(host, default_port)
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(key, f"port must be 0-65535, got {port_text!r}")
+    if not host:
+        raise ConfigError(key, f"missing host in {value!r}")
+    return Address(host, int(port_text))
+
+
+def _section(raw: Mapping[str, Any], key: str, allowed: set[str]) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+    for k in value:
+        if k not in allowed:
+            raise ConfigError(f"{key}.{k}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _number(key: str, value: object, minimum: float, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(key, f"must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(key, f"must be at least {minimum:g}, got {value!r}")
+    return value
+
+
+def _lines(key: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.splitlines()
+    if isinstance(value, tuple):
+        value = list(value)
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(key, "must be a non-empty string or list of strings")
+    for line in value:
+        if "\r" in line or "\n" in line or len(line) > 400:
+            raise ConfigError(key, "each line must be one line of at most 400 characters")
+    return tuple(value)
+
+
+def load(raw: object, base: pathlib.Path | None = None) -> Config:
+    """Validate parsed YAML (a mapping) into a :class:`Config`.
+
+    Relative paths (``sink.directory``) are taken from ``base``, by default
+    the current directory.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("(top level)", "must be a mapping of keys")
+    for k in raw:
+        if k not in _TOP_KEYS:
+            raise ConfigError(str(k), f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    base = base or pathlib.Path.cwd()
+
+    hostname = raw.get("hostname", socket.gethostname())
+    if not isinstance(hostname, str) or not hostname or any(c.isspace() for c in hostname):
+        raise ConfigError("hostname", f"must be a host name without spaces, got {hostname!r}")
+
+    listen_raw = raw.get("listen", "127.0.0.1:2525")
+    items = listen_raw if isinstance(listen_raw, list) else [listen_raw]
+    if not items:
+        raise ConfigError("listen", "needs at least one address")
+    listen = tuple(
+        parse_address(f"listen[{i}]" if isinstance(listen_raw, list) else "listen", v)
+        for i, v in enumerate(items)
+    )
+
+    upstream = None
+    if raw.get("upstream") is not None:
+        upstream = parse_address("upstream", raw["upstream"], default_port=25)
+        if upstream.port == 0:
+            raise ConfigError("upstream", "port 0 is not a port one can connect to")
+
+    sink = _section(raw, "sink", {"directory"})
+    sink_dir = sink.get("directory", "smtpguard-mail")
+    if not isinstance(sink_dir, str) or not sink_dir:
+        raise ConfigError("sink.directory", f"must be a folder path, got {sink_dir!r}")
+
+    metrics = _section(raw, "metrics", {"listen", "enabled"})
+    metrics_listen: Address | None = parse_address(
+        "metrics.listen", metrics.get("listen", "127.0.0.1:9325")
+    )
+    if not _bool("metrics.enabled", metrics.get("enabled", True)):
+        metrics_listen = None
+
+    help_ = _section(raw, "help", {"local", "text", "topics"})
+    topics_raw = help_.get("topics", DEFAULT_HELP_TOPICS)
+    if not isinstance(topics_raw, Mapping):
+        raise ConfigError("help.topics", "must be a mapping of VERB: text")
+    topics = {
+        str(k).upper(): _lines(f"help.topics.{k}", v)
+        for k, v in topics_raw.items()  # noqa: PERF102
+    }
+
+    pipelining = _section(raw, "pipelining", {"offer", "upstream"})
+    upstream_mode = pipelining.get("upstream", "auto")
+    if upstream_mode not in ("auto", "serial"):
+        raise ConfigError(
+            "pipelining.upstream", f"must be 'auto' or 'serial', got {upstream_mode!r}"
+        )
+
+    ehlo = _section(raw, "ehlo", {"discard_keywords", "chunking"})
+    discard = ehlo.get("discard_keywords", [])
+    if not isinstance(discard, list) or not all(isinstance(k, str) and k for k in discard):
+        raise ConfigError("ehlo.discard_keywords", "must be a list of EHLO keywords")
+
+    limits = _section(raw, "limits", {"max_line_bytes", "max_pipelined_commands"})
+    timeouts_raw = _section(raw, "timeouts", set(Timeouts.__dataclass_fields__))
+    timeouts = Timeouts(**{k: _number(f"timeouts.{k}", v, 0.001) for k, v in timeouts_raw.items()})
+
+    session = SessionOptions(
+        hostname=hostname,
+        help_local=_bool("help.local", help_.get("local", True)),
+        help_text=_lines("help.text", help_.get("text", list(DEFAULT_HELP))),
+        help_topics=topics,
+        offer_pipelining=_bool("pipelining.offer", pipelining.get("offer", True)),
+        upstream_pipelining=upstream_mode == "auto",
+        chunking=_bool("ehlo.chunking", ehlo.get("chunking", True)),
+        discard_keywords=frozenset(k.upper() for k in discard),
+        max_line_bytes=int(
+            _number("limits.max_line_bytes", limits.get("max_line_bytes", 512), 64, True)
+        ),
+        max_pipelined_commands=int(
+            _number(
+                "limits.max_pipelined_commands", limits.get("max_pipelined_commands", 100), 1, True
+            )
+        ),
+    )
+    return Config(
+        listen=listen,
+        upstream=upstream,
+        sink_directory=(base / sink_dir).resolve(),
+        metrics_listen=metrics_listen,
+        session=session,
+        timeouts=timeouts,
+    )
+
+
+def load_file(path: str | pathlib.Path) -> Config:
+    """Read and validate a YAML file; errors name the key (or ``file``) and the problem."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("file", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("file", f"{path} is not valid YAML{where}") from None
+    return load(raw)

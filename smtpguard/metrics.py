@@ -1,0 +1,252 @@
+"""Prometheus metrics: a small facade over prometheus-client, and /metrics over trio.
+
+The facade is created on a registry that is passed in, so tests use a fresh
+one.  Labels come from closed sets only (the verb enum, the phase enum,
+reply codes, fixed reasons); known combinations are created at start so
+their series exist at 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from . import __version__
+from .protocol.rules import CLIENT_VERBS, Phase, Verb
+from .protocol.session import (
+    Event,
+    Forwarded,
+    LocalReply,
+    MessageDone,
+    UpstreamReplied,
+    Violation,
+)
+
+#: Codes smtpguard can answer with on its own.
+LOCAL_CODES = ("214", "421", "500", "501", "502", "503")
+#: Why a session ended (see ``Session.close_reason``).
+CLOSE_REASONS = (
+    "quit",
+    "client_closed",
+    "client_timeout",
+    "upstream_closed",
+    "upstream_timeout",
+    "upstream_error",
+    "upstream_refused",
+    "shutdown",
+    "internal_error",
+)
+CONNECT_FAILURES = ("refused", "timeout", "unreachable", "error")
+MESSAGE_OUTCOMES = ("accepted", "rejected", "aborted")
+#: Upstream steps: the client verbs plus the pseudo-steps the upstream answers.
+STEPS = tuple(v.value for v in Verb)
+REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
+
+class Metrics:
+    """Every counter smtpguard exports, behind methods named for decisions."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.build_info = Gauge(
+            "smtpguard_build_info", "smtpguard version", ["version"], registry=r
+        )
+        self.build_info.labels(__version__).set(1)
+        self.violations = Counter(
+            "smtpguard_sequence_violations",
+            "Client commands out of sequence, answered locally and never forwarded",
+            ["command", "state"],
+            registry=r,
+        )
+        self.local_replies = Counter(
+            "smtpguard_local_replies",
+            "Replies smtpguard sent itself, by reply code",
+            ["code"],
+            registry=r,
+        )
+        self.sessions_opened = Counter(
+            "smtpguard_sessions_opened", "Client sessions accepted", registry=r
+        )
+        self.sessions_open = Gauge(
+            "smtpguard_sessions_open", "Client sessions open now", registry=r
+        )
+        self.sessions_closed = Counter(
+            "smtpguard_sessions_closed", "Client sessions ended, by reason", ["reason"], registry=r
+        )
+        self.forwarded = Counter(
+            "smtpguard_commands_forwarded",
+            "Commands relayed to the upstream, by verb",
+            ["command"],
+            registry=r,
+        )
+        self.upstream_replies = Counter(
+            "smtpguard_upstream_replies",
+            "Replies from the upstream, by the verb they answer and reply class",
+            ["command", "class"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "smtpguard_upstream_reply_seconds",
+            "Time from forwarding a command to the upstream's reply",
+            ["command"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.connect_failures = Counter(
+            "smtpguard_upstream_connect_failures",
+            "Failed connections to the upstream, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "smtpguard_messages", "Messages relayed, by outcome", ["outcome"], registry=r
+        )
+        self.message_size = Histogram(
+            "smtpguard_message_size_bytes",
+            "Size of message content relayed",
+            buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+            registry=r,
+        )
+        self.bytes = Counter(
+            "smtpguard_bytes", "Bytes relayed, by direction", ["direction"], registry=r
+        )
+        self.help = Counter(
+            "smtpguard_help_requests", "HELP commands, by handling", ["handling"], registry=r
+        )
+        for verb in CLIENT_VERBS:
+            self.forwarded.labels(verb.value)
+            for phase in Phase:
+                self.violations.labels(verb.value, phase.value)
+        for code in LOCAL_CODES:
+            self.local_replies.labels(code)
+        for reason in CLOSE_REASONS:
+            self.sessions_closed.labels(reason)
+        for reason in CONNECT_FAILURES:
+            self.connect_failures.labels(reason)
+        for outcome in MESSAGE_OUTCOMES:
+            self.messages.labels(outcome)
+        for direction in ("client_to_upstream", "upstream_to_client"):
+            self.bytes.labels(direction)
+        for handling in ("local", "forwarded"):
+            self.help.labels(handling)
+
+    def session_opened(self) -> None:
+        self.sessions_opened.inc()
+        self.sessions_open.inc()
+
+    def session_closed(self, reason: str) -> None:
+        self.sessions_open.dec()
+        self.sessions_closed.labels(reason if reason in CLOSE_REASONS else "internal_error").inc()
+
+    def connect_failed(self, reason: str) -> None:
+        self.connect_failures.labels(reason).inc()
+
+    def relayed_bytes(self, direction: str, n: int) -> None:
+        self.bytes.labels(direction).inc(n)
+
+    def reply_latency(self, step: Verb, seconds: float) -> None:
+        self.upstream_latency.labels(step.value).observe(seconds)
+
+    def observe(self, events: Iterable[Event]) -> None:
+        """Count what the core decided."""
+        for event in events:
+            if type(event) is Forwarded:
+                self.forwarded.labels(event.step.value).inc()
+                if event.step is Verb.HELP:
+                    self.help.labels("forwarded").inc()
+            elif type(event) is UpstreamReplied:
+                self.upstream_replies.labels(event.step.value, f"{event.code // 100}xx").inc()
+            elif type(event) is LocalReply:
+                self.local_replies.labels(str(event.code)).inc()
+                if event.code == 214:
+                    self.help.labels("local").inc()
+            elif type(event) is Violation:
+                self.violations.labels(event.verb.value, event.phase.value).inc()
+            elif type(event) is MessageDone:
+                self.messages.labels(event.outcome).inc()
+                self.message_size.observe(event.size_bytes)
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+_STATUS = {200: b"200 OK", 404: b"404 Not Found", 405: b"405 Method Not Allowed"}
+_STATUS[503] = b"503 Service Unavailable"
+_STATUS[400] = b"400 Bad Request"
+
+
+async def _http_reply(stream: trio.abc.Stream, status: int, ctype: str, body: bytes) -> None:
+    head = (
+        b"HTTP/1.1 "
+        + _STATUS[status]
+        + b"\r\nContent-Type: "
+        + ctype.encode()
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+    )
+    await stream.send_all(head + body)
+
+
+async def serve_http(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    ready: Callable[[], Awaitable[bool]] | None = None,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on ``host:port``.
+
+    One request per connection, bounded in size and time: this endpoint is
+    for a scraper on a trusted network, not a general web server.
+    """
+
+    async def handler(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(10):
+                request = bytearray()
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                parts = bytes(request).split(b"\r\n", 1)[0].split()
+                if len(parts) != 3:
+                    await _http_reply(stream, 400, "text/plain", b"bad request\n")
+                    return
+                method, target = parts[0], parts[1].split(b"?", 1)[0]
+                if method != b"GET":
+                    await _http_reply(stream, 405, "text/plain", b"GET only\n")
+                elif target == b"/metrics":
+                    await _http_reply(stream, 200, CONTENT_TYPE_LATEST, metrics.exposition())
+                elif target == b"/healthz":
+                    await _http_reply(stream, 200, "text/plain", b"ok\n")
+                elif target == b"/readyz":
+                    ok = await ready() if ready is not None else True
+                    await _http_reply(
+                        stream,
+                        200 if ok else 503,
+                        "text/plain",
+                        b"ready\n" if ok else b"not ready\n",
+                    )
+                else:
+                    await _http_reply(stream, 404, "text/plain", b"not found\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handler, listeners)

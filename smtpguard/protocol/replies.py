@@ -1,0 +1,52 @@
+"""Replies smtpguard sends on its own, as named constants.
+
+Each reply carries its basic code, its RFC 3463 enhanced code and its text.
+The enhanced code is shown only when the session negotiated
+ENHANCEDSTATUSCODES (RFC 2034), as Postfix does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A local reply: ``code``, ``enhanced`` (RFC 3463) and a text template."""
+
+    code: int
+    enhanced: str
+    text: str
+
+    def render(self, enhanced: bool, **fields: str) -> bytes:
+        """The reply on the wire, one line, CRLF-terminated."""
+        text = self.text.format(**fields) if fields else self.text
+        if enhanced:
+            return f"{self.code} {self.enhanced} {text}\r\n".encode()
+        return f"{self.code} {text}\r\n".encode()
+
+
+#: A command out of sequence; ``{expected}`` names what should come.
+BAD_SEQUENCE = Reply(503, "5.5.1", "Error: {expected}")
+#: A command we do not know, or one reserved for trusted proxies.
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
+#: A command line over the configured length.
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+#: A command line that is not text (NUL byte, not ASCII verb).
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
+#: BDAT without a valid size.
+BAD_BDAT = Reply(501, "5.5.4", "Error: syntax: BDAT chunk-size [LAST]")
+#: STARTTLS while smtpguard has no TLS configured (Postfix says the same).
+STARTTLS_UNAVAILABLE = Reply(502, "5.5.1", "Error: command not implemented")
+#: The upstream could not be reached.
+UPSTREAM_UNAVAILABLE = Reply(421, "4.3.0", "{hostname} Service not available, try again later")
+#: The upstream went away or broke the protocol mid-session.
+UPSTREAM_LOST = Reply(421, "4.4.2", "{hostname} Error: lost connection to mail server")
+#: The upstream did not answer in time.
+UPSTREAM_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: mail server timeout")
+#: The client was idle too long.
+CLIENT_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
+#: Too many commands queued ahead of their replies.
+TOO_MANY_PIPELINED = Reply(421, "4.7.0", "{hostname} Error: too many pipelined commands")
+#: The service is shutting down.
+SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, closing connection")

@@ -1,0 +1,601 @@
+"""The sans-I/O session: client bytes and upstream bytes in, decisions out.
+
+Theory of operation
+-------------------
+
+The I/O layer feeds bytes with :meth:`Session.receive_client` and
+:meth:`Session.receive_upstream` (and reports EOFs and timeouts), then takes
+the bytes to write with :meth:`Session.take_client_bytes` and
+:meth:`Session.take_upstream_bytes`, and the metric events with
+:meth:`Session.take_events`.  When :attr:`Session.closed` is true it writes
+what is left and closes both sides.
+
+Every client command gets exactly one reply, in command order (RFC 2920).
+``_slots`` is the queue of replies owed to the client; a slot is filled
+either at once (a local reply) or when the upstream answers (a forwarded
+command; those slots are also in ``_inflight``).  Replies leave only from
+the head of the queue, so local 503s interleave with upstream replies in
+the right places.
+
+The state moves only on the upstream's replies (see :mod:`.rules`).  To
+decide a new command while replies are still in flight, the session
+computes every state those replies could lead to (``_possible``).  If the
+command is permitted in all of them it is forwarded at once; if in none, it
+gets a local 503; if the answer depends on a reply still in flight (RCPT
+after a pipelined MAIL) the command is held, and no further client bytes
+are read, until that reply arrives.  So the upstream never receives a
+command that is out of sequence given the replies it has sent.
+
+The same holds for framing: after DATA or AUTH is forwarded, the next bytes
+are a body or a SASL line only if the reply says so, so they wait for it.
+A DATA body streams straight through: the session only looks for
+``<CRLF>.<CRLF>`` across chunk boundaries and never parses body lines.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from . import replies as R
+from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply, find_data_end
+from .rules import (
+    FRAMING,
+    LOCAL_ONLY,
+    VERB_BY_NAME,
+    Framing,
+    Phase,
+    State,
+    Verb,
+    outcomes,
+    permitted,
+    transition,
+)
+
+#: EHLO keywords never passed to clients: identity commands for trusted
+#: proxies only, and STARTTLS, which smtpguard cannot mediate by relaying.
+ALWAYS_DISCARDED = frozenset({b"XCLIENT", b"XFORWARD", b"STARTTLS"})
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOptions:
+    """What the core needs to know from the configuration."""
+
+    hostname: str = "smtpguard"
+    #: Answer HELP locally with 214 instead of forwarding it.
+    help_local: bool = False
+    help_text: tuple[str, ...] = ("smtpguard SMTP proxy",)
+    help_topics: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Advertise PIPELINING to clients even if the upstream does not.
+    offer_pipelining: bool = True
+    #: Pipeline commands to the upstream when it advertises PIPELINING;
+    #: False feeds it one command at a time.
+    upstream_pipelining: bool = True
+    #: Relay BDAT (RFC 3030); False removes CHUNKING from EHLO.
+    chunking: bool = True
+    #: Extra EHLO keywords to remove (upper case).
+    discard_keywords: frozenset[str] = frozenset()
+    #: Longest command line, CRLF included (RFC 5321 4.5.3.1.4).
+    max_line_bytes: int = 512
+    #: Longest AUTH line or SASL response (RFC 4954 4: 12288).
+    max_sasl_line_bytes: int = 12288
+    #: Most replies owed to the client before we stop reading from it.
+    max_pipelined_commands: int = 100
+
+
+# Events for the metrics and logs layer.  Small tuples: they are made on
+# every command.
+class Violation(NamedTuple):
+    verb: Verb
+    phase: Phase
+    expected: str
+
+
+class LocalReply(NamedTuple):
+    verb: Verb
+    code: int
+
+
+class Forwarded(NamedTuple):
+    step: Verb  #: the verb, or DATA_END / BDAT_LAST / AUTH_RESPONSE
+
+
+class UpstreamReplied(NamedTuple):
+    step: Verb  #: the verb, or GREETING / DATA_END / BDAT_LAST / AUTH_RESPONSE
+    code: int
+
+
+class MessageDone(NamedTuple):
+    outcome: str  #: "accepted", "rejected" or "aborted"
+    size_bytes: int
+
+
+Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone
+
+
+class _Slot:
+    """One reply owed to the client."""
+
+    __slots__ = ("verb", "step", "reply")
+
+    def __init__(self, verb: Verb, step: Verb, reply: bytes | None = None) -> None:
+        self.verb = verb  #: the client's verb (for metrics)
+        self.step = step  #: what the upstream answers (for transitions)
+        self.reply = reply  #: the bytes to send, once known
+
+
+_INITIAL_BODY_TAIL = b"\r\n"  # the DATA line's CRLF starts the first body line
+
+
+class Session:
+    """One proxied SMTP session, without I/O."""
+
+    def __init__(self, options: SessionOptions | None = None) -> None:
+        self.options = options or SessionOptions()
+        self.state = State(Phase.GREETING)
+        self._client_buf = bytearray()
+        self._to_client = bytearray()
+        self._to_upstream = bytearray()
+        self._events: list[Event] = []
+        self._parser = ReplyParser()
+        greeting = _Slot(Verb.GREETING, Verb.GREETING)
+        self._slots: deque[_Slot] = deque([greeting])
+        self._inflight: deque[_Slot] = deque([greeting])
+        self._possible: frozenset[State] = frozenset()
+        self._recompute_possible()
+        self._held: tuple[Verb, bytes] | None = None
+        self._discarding_long_line = False
+        self._body_tail = _INITIAL_BODY_TAIL
+        self._message_bytes = 0
+        self._bdat_remaining = 0
+        self._bdat_forward = False
+        self._enhanced = False
+        self._upstream_pipelining = False
+        self._body_open = False
+        self._replies_queued = 0
+        self._upstream_replies = 0
+        self._client_done = False
+        #: Why the session ended, once it has: "quit", "client_closed",
+        #: "client_timeout", "upstream_closed", "upstream_timeout",
+        #: "upstream_error", "upstream_refused", "shutdown".
+        self.close_reason: str | None = None
+
+    # ------------------------------------------------------------ outputs
+
+    def take_client_bytes(self) -> bytes:
+        """Bytes to write to the client, in order; empties the buffer."""
+        data = bytes(self._to_client)
+        self._to_client.clear()
+        return data
+
+    def take_upstream_bytes(self) -> bytes:
+        """Bytes to write to the upstream, in order; empties the buffer."""
+        data = bytes(self._to_upstream)
+        self._to_upstream.clear()
+        return data
+
+    def take_events(self) -> list[Event]:
+        """Events since the last call (for metrics and logs)."""
+        events = self._events
+        self._events = []
+        return events
+
+    @property
+    def closed(self) -> bool:
+        """True once the session is over: flush the client bytes, then close."""
+        return self.close_reason is not None
+
+    @property
+    def awaiting_upstream(self) -> bool:
+        """True while the upstream owes a reply."""
+        return bool(self._inflight)
+
+    @property
+    def head_step(self) -> Verb | None:
+        """The step whose reply the upstream owes first (for its timeout)."""
+        return self._inflight[0].step if self._inflight else None
+
+    @property
+    def in_body(self) -> bool:
+        """True while client bytes are message content (DATA body or BDAT chunk)."""
+        return self._bdat_remaining > 0 or self._body_open
+
+    @property
+    def in_transaction_content(self) -> bool:
+        """True while a message's content has started but not ended."""
+        return self.in_body or self.state.phase is Phase.BDAT
+
+    @property
+    def wants_client_bytes(self) -> bool:
+        """False when the buffered client bytes are enough: stop reading (backpressure)."""
+        return not self.closed and len(self._client_buf) < 65536
+
+    @property
+    def upstream_replies(self) -> int:
+        """How many replies the upstream has sent (a progress counter)."""
+        return self._upstream_replies
+
+    @property
+    def commands_seen(self) -> int:
+        """How many replies the client has been sent or is owed (a progress counter)."""
+        return self._replies_queued
+
+    # ------------------------------------------------------------- inputs
+
+    def receive_client(self, data: bytes | bytearray) -> None:
+        """Bytes from the client."""
+        if self.closed or self._client_done:
+            return
+        self._client_buf += data
+        self._process_client()
+
+    def receive_upstream(self, data: bytes | bytearray) -> None:
+        """Bytes from the upstream."""
+        if self.closed:
+            return
+        try:
+            replies = self._parser.feed(data)
+        except UpstreamProtocolError:
+            self._fail(R.UPSTREAM_LOST, "upstream_error")
+            return
+        for reply in replies:
+            self._on_upstream_reply(reply)
+            if self.closed:
+                return
+        self._flush_replies()
+        self._process_client()
+        self._maybe_finish()
+
+    def client_eof(self) -> None:
+        """The client closed its side (or vanished)."""
+        if self.closed:
+            return
+        if self.in_transaction_content:
+            # Never complete a message the client did not finish: the I/O
+            # layer closes the upstream without sending anything more.
+            self._events.append(MessageDone("aborted", self._message_bytes))
+            self._to_upstream.clear()
+            self.close_reason = "client_closed"
+            return
+        # A client may half-close after its last command (printf ... | nc -N):
+        # answer what it sent, as Postfix does, then close.
+        self._client_done = True
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._client_done and not self._slots and self._held is None and not self.closed:
+            if self.in_transaction_content:
+                self._events.append(MessageDone("aborted", self._message_bytes))
+                self._to_upstream.clear()
+            self.close_reason = "client_closed"
+
+    def upstream_eof(self) -> None:
+        """The upstream closed its side."""
+        if self.closed:
+            return
+        if self.state.phase is Phase.CLOSED:
+            self.close_reason = "quit"
+            return
+        self._fail(R.UPSTREAM_LOST, "upstream_closed")
+
+    def abort(self, reason: str) -> None:
+        """Close at once (the client is gone or stuck): nothing more is sent upstream."""
+        if self.closed:
+            return
+        if self.in_transaction_content:
+            self._events.append(MessageDone("aborted", self._message_bytes))
+        self._to_upstream.clear()
+        self.close_reason = reason
+
+    def upstream_refused(self) -> None:
+        """The upstream could not be reached: 421 and close."""
+        self._fail(R.UPSTREAM_UNAVAILABLE, "upstream_refused")
+
+    def client_timeout(self) -> None:
+        """The client sent no complete command in time."""
+        self._fail(R.CLIENT_TIMEOUT, "client_timeout")
+
+    def upstream_timeout(self) -> None:
+        """The upstream did not answer in time."""
+        self._fail(R.UPSTREAM_TIMEOUT, "upstream_timeout")
+
+    def shutdown(self) -> None:
+        """The service is stopping: 421 and close."""
+        self._fail(R.SHUTTING_DOWN, "shutdown")
+
+    # ----------------------------------------------------------- internals
+
+    def _render(self, reply: R.Reply, **fields: str) -> bytes:
+        return reply.render(self._enhanced, **fields)
+
+    def _fail(self, reply: R.Reply, reason: str) -> None:
+        """Send the replies already known, then ``reply``, then close."""
+        if self.closed:
+            return
+        self._flush_replies()
+        if self.in_transaction_content:
+            self._events.append(MessageDone("aborted", self._message_bytes))
+        self._to_client += self._render(reply, hostname=self.options.hostname)
+        self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
+        self._to_upstream.clear()
+        self.close_reason = reason
+
+    def _flush_replies(self) -> None:
+        slots = self._slots
+        while slots:
+            reply = slots[0].reply
+            if reply is None:
+                return
+            slots.popleft()
+            self._to_client += reply
+
+    def _recompute_possible(self) -> None:
+        possible = frozenset({self.state})
+        for slot in self._inflight:
+            possible = frozenset(s2 for s in possible for s2 in outcomes(s, slot.step))
+        self._possible = possible
+
+    def _on_upstream_reply(self, reply: UpstreamReply) -> None:
+        if not self._inflight:
+            if reply.code == 421:  # e.g. the upstream's own idle timeout
+                self._to_client += reply.raw
+                self.close_reason = "upstream_closed"
+            else:
+                self._fail(R.UPSTREAM_LOST, "upstream_error")
+            return
+        slot = self._inflight.popleft()
+        step = slot.step
+        cls = reply.reply_class
+        self.state = transition(self.state, step, cls)
+        self._upstream_replies += 1
+        self._events.append(UpstreamReplied(step, reply.code))
+        data = reply.raw
+        if step is Verb.EHLO and cls == 2:
+            data = self._rewrite_ehlo(reply)
+        elif cls == 2 and step in (Verb.HELO, Verb.STARTTLS):
+            # No ESMTP after HELO; after TLS the capabilities are learnt anew.
+            self._enhanced = False
+            self._upstream_pipelining = False
+        elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
+            outcome = "accepted" if cls == 2 else "rejected"
+            self._events.append(MessageDone(outcome, self._message_bytes))
+            self._message_bytes = 0
+        if self.state.phase is Phase.DATA:
+            self._body_open = True
+        slot.reply = data
+        self._recompute_possible()
+        if reply.code == 421 or self.state.phase is Phase.CLOSED:
+            self._flush_replies()
+            self.close_reason = "quit" if step is Verb.QUIT else "upstream_closed"
+
+    def _rewrite_ehlo(self, reply: UpstreamReply) -> bytes:
+        """Relay the EHLO reply with the keywords we cannot mediate removed."""
+        opts = self.options
+        lines = reply.lines
+        kept: list[bytes] = [lines[0][4:]]
+        keywords: set[bytes] = set()
+        discard = {k.encode() for k in opts.discard_keywords} | ALWAYS_DISCARDED
+        if not opts.chunking:
+            discard.add(b"CHUNKING")
+        if not opts.offer_pipelining:
+            discard.add(b"PIPELINING")
+        for line in lines[1:]:
+            text = line[4:]
+            keyword = text.split(None, 1)[0].upper() if text.strip() else b""
+            if not keyword or keyword in discard:
+                continue
+            keywords.add(keyword)
+            kept.append(text)
+        self._upstream_pipelining = b"PIPELINING" in keywords and opts.upstream_pipelining
+        if opts.offer_pipelining and b"PIPELINING" not in keywords:
+            kept.append(b"PIPELINING\r\n")
+        self._enhanced = b"ENHANCEDSTATUSCODES" in keywords
+        code = lines[0][:3]
+        out = bytearray()
+        last = len(kept) - 1
+        for i, text in enumerate(kept):
+            out += code + (b" " if i == last else b"-") + text
+        return bytes(out)
+
+    # --------------------------------------------------- client processing
+
+    def _framing(self) -> Framing | None:
+        """How to read the next client bytes, or None if a reply must come first."""
+        if self.state.phase is Phase.GREETING:
+            return None  # no early talking to the upstream
+        framings = {FRAMING[s.phase] for s in self._possible}
+        if len(framings) != 1:
+            return None
+        return framings.pop()
+
+    def _process_client(self) -> None:
+        buf = self._client_buf
+        while not self.closed:
+            if self._held is not None:
+                if not self._decide(*self._held):
+                    return
+                self._held = None
+                continue
+            if self._bdat_remaining:
+                if not buf:
+                    return
+                self._consume_bdat()
+                continue
+            if not buf:
+                return
+            framing = self._framing()
+            if framing is None or framing is Framing.NONE:
+                return
+            if framing is Framing.BODY:
+                if not self._consume_body():
+                    return
+                continue
+            if len(self._slots) >= self.options.max_pipelined_commands:
+                return  # backpressure: wait for replies to drain
+            limit = (
+                self.options.max_sasl_line_bytes
+                if framing is Framing.SASL
+                else max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
+            )
+            line = self._take_line(limit)
+            if line is None:
+                return
+            if framing is Framing.SASL:
+                self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, line)
+                continue
+            self._command(line)
+
+    def _take_line(self, limit: int) -> bytes | None:
+        """The next complete line without its line ending, or None if there is none.
+
+        Over-long lines are answered with 500 and dropped here, so memory
+        stays bounded by ``limit`` whatever the client sends.
+        """
+        buf = self._client_buf
+        while True:
+            end = buf.find(b"\n")
+            if end < 0:
+                if len(buf) >= limit or self._discarding_long_line:
+                    buf.clear()
+                    self._discarding_long_line = True
+                return None
+            if end >= limit or self._discarding_long_line:
+                del buf[: end + 1]
+                self._discarding_long_line = False
+                self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
+                continue
+            line = bytes(buf[:end])
+            del buf[: end + 1]
+            return line[:-1] if line.endswith(b"\r") else line
+
+    def _command(self, line: bytes) -> None:
+        word = line.split(b" ", 1)[0].upper()
+        verb = VERB_BY_NAME.get(word, Verb.UNKNOWN)
+        if verb is not Verb.AUTH and len(line) + 2 > self.options.max_line_bytes:
+            self._local(verb, R.LINE_TOO_LONG)
+            return
+        if b"\0" in line:
+            self._local(verb, R.BAD_SYNTAX)
+            return
+        if not self._decide(verb, line):
+            self._held = (verb, line)
+
+    def _decide(self, verb: Verb, line: bytes) -> bool:
+        """Answer, forward or reject ``line``; False means hold it for a reply."""
+        if verb in LOCAL_ONLY:
+            self._local(verb, R.UNKNOWN_COMMAND)
+            return True
+        verdicts = {permitted(s, verb) for s in self._possible}
+        if len(verdicts) != 1:
+            return False  # depends on a reply still in flight
+        expected = verdicts.pop()
+        if verb is Verb.BDAT:
+            return self._bdat(line, expected)
+        if expected is not None:
+            self._violation(verb, expected)
+            return True
+        if verb is Verb.HELP and self.options.help_local:
+            self._help(line)
+            return True
+        if verb is Verb.STARTTLS:
+            self._local(verb, R.STARTTLS_UNAVAILABLE)
+            return True
+        if self._inflight and not self._upstream_pipelining:
+            return False  # the upstream takes one command at a time
+        self._forward(verb, verb, line)
+        return True
+
+    def _violation(self, verb: Verb, expected: str) -> None:
+        # With replies in flight, report the phase the upstream will be in.
+        if self.state in self._possible:
+            phase = self.state.phase
+        else:
+            phase = min((s.phase for s in self._possible), key=lambda p: p.value)
+        self._events.append(Violation(verb, phase, expected))
+        self._local(verb, R.BAD_SEQUENCE, expected=expected)
+
+    def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
+        self._events.append(LocalReply(verb, reply.code))
+        self._queue(_Slot(verb, verb, self._render(reply, **fields)))
+
+    def _queue(self, slot: _Slot) -> None:
+        self._replies_queued += 1
+        self._slots.append(slot)
+        if slot.reply is not None and len(self._slots) == 1:
+            self._flush_replies()
+
+    def _forward(self, verb: Verb, step: Verb, line: bytes) -> None:
+        self._to_upstream += line + b"\r\n"
+        slot = _Slot(verb, step)
+        self._queue(slot)
+        self._inflight.append(slot)
+        self._possible = frozenset(s2 for s in self._possible for s2 in outcomes(s, step))
+        self._events.append(Forwarded(step))
+
+    def _help(self, line: bytes) -> None:
+        opts = self.options
+        parts = line.split(None, 1)
+        topic = parts[1].strip().upper().decode("ascii", "replace") if len(parts) > 1 else ""
+        text = opts.help_topics.get(topic, opts.help_text) if topic else opts.help_text
+        prefix = "214-2.0.0 " if self._enhanced else "214-"
+        out = "".join(f"{prefix}{t}\r\n" for t in text)
+        out += "214 2.0.0 End of HELP info\r\n" if self._enhanced else "214 End of HELP info\r\n"
+        self._events.append(LocalReply(Verb.HELP, 214))
+        self._queue(_Slot(Verb.HELP, Verb.HELP, out.encode()))
+
+    def _bdat(self, line: bytes, expected: str | None) -> bool:
+        parts = line.split()
+        size_ok = len(parts) in (2, 3) and parts[1].isdigit() and len(parts[1]) <= 12
+        last = len(parts) == 3 and parts[2].upper() == b"LAST"
+        if not size_ok or (len(parts) == 3 and not last):
+            # Without a size we cannot frame what follows: refuse and read on
+            # as commands, as Postfix does.
+            self._local(Verb.BDAT, R.BAD_BDAT)
+            return True
+        if expected is None and not self.options.chunking:
+            expected = "BDAT not supported"
+        size = int(parts[1])
+        if expected is not None:
+            # The chunk still follows the command: read it and drop it.
+            self._bdat_remaining, self._bdat_forward = size, False
+            self._violation(Verb.BDAT, expected)
+            return True
+        if self._inflight and not self._upstream_pipelining:
+            return False
+        self._bdat_remaining, self._bdat_forward = size, True
+        self._forward(Verb.BDAT, Verb.BDAT_LAST if last else Verb.BDAT, line)
+        return True
+
+    def _consume_bdat(self) -> None:
+        buf = self._client_buf
+        n = min(self._bdat_remaining, len(buf))
+        if self._bdat_forward:
+            self._to_upstream += buf[:n]
+            self._message_bytes += n
+        del buf[:n]
+        self._bdat_remaining -= n
+
+    def _consume_body(self) -> bool:
+        """Stream DATA body bytes; True once the final dot has been passed on."""
+        buf = self._client_buf
+        end = find_data_end(self._body_tail, buf)
+        if end < 0:
+            self._to_upstream += buf
+            self._message_bytes += len(buf)
+            self._body_tail = (self._body_tail + bytes(buf[-4:]))[-4:]
+            buf.clear()
+            return False
+        self._to_upstream += buf[:end]
+        self._message_bytes += end
+        del buf[:end]
+        self._body_tail = _INITIAL_BODY_TAIL
+        self._body_open = False
+        self._events.append(Forwarded(Verb.DATA_END))
+        slot = _Slot(Verb.DATA, Verb.DATA_END)
+        self._replies_queued += 1
+        self._slots.append(slot)
+        self._inflight.append(slot)
+        self._recompute_possible()
+        return True

@@ -1,0 +1,82 @@
+"""Fixtures starting real peers on loopback (see peers.py). All are plain sync fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from peers import Postfix, Prometheus
+
+E2E_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # This hook sees every collected item, not only ours: mark just those under tests/e2e.
+    for item in items:
+        if Path(item.path).resolve().is_relative_to(E2E_DIR):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def postfix() -> Iterator[Postfix]:
+    """A private Postfix (bare LF normalized) shared by the session; filter messages per test."""
+    with Postfix() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def legacy_postfix() -> Iterator[Postfix]:
+    """A private Postfix accepting bare LF line endings (smtpd_forbid_bare_newline = no)."""
+    with Postfix(legacy=True) as instance:
+        yield instance
+
+
+@pytest.fixture
+def postfix_factory() -> Iterator[Callable[..., Postfix]]:
+    """Start extra Postfix instances: ``postfix_factory(extra_main_cf={...}, legacy=...)``.
+
+    They are stopped at the end of the test.
+    """
+    started: list[Postfix] = []
+
+    def start(
+        *, legacy: bool = False, extra_main_cf: Mapping[str, str] | None = None
+    ) -> Postfix:
+        instance = Postfix(legacy=legacy, extra_main_cf=extra_main_cf)
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in reversed(started):
+        instance.stop()
+
+
+@pytest.fixture
+def postfix_log_offset(postfix: Postfix) -> int:
+    """The session Postfix's maillog offset at the start of the test."""
+    return postfix.log_offset()
+
+
+@pytest.fixture
+def legacy_postfix_log_offset(legacy_postfix: Postfix) -> int:
+    """The legacy Postfix's maillog offset at the start of the test."""
+    return legacy_postfix.log_offset()
+
+
+@pytest.fixture
+def prometheus_factory() -> Iterator[Callable[..., Prometheus]]:
+    """Start a Prometheus: ``prometheus_factory(["127.0.0.1:9100"], rule_files=[...])``.
+
+    It scrapes the targets' /metrics every second; it is stopped at the end of the test.
+    """
+    started: list[Prometheus] = []
+
+    def start(targets: Iterable[str], **kwargs: object) -> Prometheus:
+        instance = Prometheus(targets, **kwargs)  # type: ignore[arg-type]
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in reversed(started):
+        instance.stop()
