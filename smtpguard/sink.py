@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 # trio < 0.23 ships no type information; newer versions do, hence the unused-ignore escape.
-import trio  # type: ignore[import-untyped, unused-ignore]
+import trio
 
 __all__ = ["serve_sink"]
 

@@ -225,7 +225,7 @@ TRANSITIONS: dict[Verb, dict[int, Phase]] = {
     Verb.DATA_END: {2: Phase.READY, 3: Phase.READY, 4: Phase.READY, 5: Phase.READY},
     Verb.BDAT: {2: Phase.BDAT},
     Verb.BDAT_LAST: {2: Phase.READY},
-    Verb.AUTH: {3: Phase.AUTH},
+    Verb.AUTH: {2: Phase.READY, 3: Phase.AUTH},
     Verb.AUTH_RESPONSE: {2: Phase.READY, 3: Phase.AUTH, 4: Phase.READY, 5: Phase.READY},
     Verb.STARTTLS: {2: Phase.CONNECTED},
     Verb.QUIT: {2: Phase.CLOSED},
