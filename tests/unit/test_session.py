@@ -1,0 +1,372 @@
+"""The sans-I/O session, scenario by scenario (no sockets, no trio)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.rules import Phase, Verb
+from smtpguard.protocol.session import LocalReply, MessageDone, Violation
+
+EHLO_REPLY = (
+    b"250-up.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n250-XCLIENT NAME ADDR\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+)
+
+
+class Peer:
+    """Drives a session: returns what each side would receive."""
+
+    def __init__(self, **options: object) -> None:
+        self.s = Session(SessionOptions(**options))  # type: ignore[arg-type]
+
+    def client(self, data: bytes) -> tuple[bytes, bytes]:
+        self.s.receive_client(data)
+        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
+
+    def upstream(self, data: bytes) -> tuple[bytes, bytes]:
+        self.s.receive_upstream(data)
+        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
+
+    def ready(self, ehlo_reply: bytes = EHLO_REPLY) -> None:
+        """Greeted and EHLO done."""
+        assert self.upstream(b"220 up ESMTP\r\n") == (b"", b"220 up ESMTP\r\n")
+        assert self.client(b"EHLO c\r\n")[0] == b"EHLO c\r\n"
+        self.upstream(ehlo_reply)
+        assert self.s.state.phase is Phase.READY
+
+
+def test_nothing_is_forwarded_before_the_greeting() -> None:
+    p = Peer()
+    assert p.client(b"EHLO early\r\n") == (b"", b"")
+    assert p.upstream(b"220 up\r\n") == (b"EHLO early\r\n", b"220 up\r\n")
+
+
+def test_554_greeting_allows_only_quit() -> None:
+    p = Peer()
+    p.upstream(b"554 5.7.1 go away\r\n")
+    up, down = p.client(b"EHLO x\r\nMAIL FROM:<a@b>\r\nNOOP\r\nQUIT\r\n")
+    assert up == b"QUIT\r\n"
+    assert down.count(b"503 Error: service refused: only QUIT is accepted\r\n") == 3
+    assert p.upstream(b"221 bye\r\n")[1] == b"221 bye\r\n"
+    assert p.s.closed and p.s.close_reason == "quit"
+
+
+def test_421_greeting_is_relayed_and_closes() -> None:
+    p = Peer()
+    assert p.upstream(b"421 4.3.2 busy\r\n")[1] == b"421 4.3.2 busy\r\n"
+    assert p.s.closed
+
+
+def test_ehlo_keywords_filtered_and_enhanced_codes_used() -> None:
+    p = Peer(discard_keywords=frozenset({"SIZE"}))
+    p.upstream(b"220 up\r\n")
+    p.client(b"EHLO c\r\n")
+    _, down = p.upstream(EHLO_REPLY)
+    assert down == (
+        b"250-up.example\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n"
+        b"250-CHUNKING\r\n250 8BITMIME\r\n"
+    )
+    assert p.client(b"RCPT TO:<a@b>\r\n")[1] == b"503 5.5.1 Error: need MAIL before RCPT\r\n"
+
+
+def test_chunking_removed_and_pipelining_added_when_configured() -> None:
+    p = Peer(chunking=False)
+    p.upstream(b"220 up\r\n")
+    p.client(b"EHLO c\r\n")
+    _, down = p.upstream(b"250-up\r\n250-CHUNKING\r\n250 SIZE\r\n")
+    assert down == b"250-up\r\n250-SIZE\r\n250 PIPELINING\r\n"
+    # Without ENHANCEDSTATUSCODES the 503 has no enhanced code.
+    assert p.client(b"DATA\r\n")[1] == b"503 Error: need MAIL command\r\n"
+
+
+def test_pipelined_batch_holds_rcpt_until_mail_reply() -> None:
+    p = Peer()
+    p.ready()
+    up, down = p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
+    assert (up, down) == (b"MAIL FROM:<a@b>\r\n", b"")
+    up, down = p.upstream(b"250 2.1.0 Ok\r\n")
+    assert up == b"RCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\n"
+    assert down == b"250 2.1.0 Ok\r\n"
+    up, down = p.upstream(b"550 5.1.1 no\r\n250 2.1.5 Ok\r\n")
+    assert (up, down) == (b"DATA\r\n", b"550 5.1.1 no\r\n250 2.1.5 Ok\r\n")
+
+
+def test_rcpt_after_rejected_mail_is_answered_locally_never_forwarded() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nQUIT\r\n")
+    up, down = p.upstream(b"550 5.7.1 sender rejected\r\n")
+    assert up == b"QUIT\r\n"
+    assert down == (
+        b"550 5.7.1 sender rejected\r\n"
+        b"503 5.5.1 Error: need MAIL before RCPT\r\n"
+        b"503 5.5.1 Error: need MAIL command\r\n"
+    )
+    events = p.s.take_events()
+    violations = [e for e in events if isinstance(e, Violation)]
+    assert [(v.verb, v.phase) for v in violations] == [
+        (Verb.RCPT, Phase.READY),
+        (Verb.DATA, Phase.READY),
+    ]
+
+
+def test_data_after_all_rcpts_rejected_is_out_of_sequence() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    p.client(b"RCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\nDATA\r\n")
+    up, down = p.upstream(b"550 no\r\n550 no\r\n")
+    assert up == b""
+    assert down.endswith(b"503 5.5.1 Error: need RCPT command\r\n")
+
+
+def test_local_503_waits_behind_pending_upstream_reply() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    # NOOP is forwarded; the nested MAIL is refused at once but must be
+    # answered after NOOP's reply.
+    up, down = p.client(b"NOOP\r\nMAIL FROM:<x@y>\r\n")
+    assert (up, down) == (b"NOOP\r\n", b"")
+    assert p.upstream(b"250 2.0.0 Ok\r\n")[1] == (
+        b"250 2.0.0 Ok\r\n503 5.5.1 Error: nested MAIL command\r\n"
+    )
+
+
+def test_data_body_streams_and_only_crlf_dot_crlf_ends_it() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    p.client(b"RCPT TO:<c@d>\r\n")
+    p.upstream(b"250 ok\r\n")
+    p.client(b"DATA\r\n")
+    assert p.upstream(b"354 go\r\n")[1] == b"354 go\r\n"
+    body = b"Subject: x\r\n\r\n..stuffed\r\nRCPT TO:<evil@x>\r\n\n.\n bare\r\n.\r"
+    assert p.client(body) == (body, b"")
+    assert p.s.in_body
+    up, down = p.client(b"\nQUIT\r\n")
+    assert up == b"\nQUIT\r\n"  # the dot ends the body; QUIT pipelines after it
+    assert not p.s.in_body
+    p.upstream(b"250 2.0.0 queued\r\n")
+    done = [e for e in p.s.take_events() if isinstance(e, MessageDone)]
+    assert done == [MessageDone("accepted", len(body) + 1)]
+
+
+def test_empty_body_ends_at_once() -> None:
+    p = Peer()
+    p.ready()
+    for line, reply in [(b"MAIL FROM:<>\r\n", b"250 ok\r\n"), (b"RCPT TO:<a@b>\r\n", b"250 ok\r\n")]:
+        p.client(line)
+        p.upstream(reply)
+    p.client(b"DATA\r\n")
+    p.upstream(b"354 go\r\n")
+    assert p.client(b".\r\nNOOP\r\n")[0] == b".\r\nNOOP\r\n"
+
+
+def test_body_sent_before_354_waits_and_becomes_commands_if_refused() -> None:
+    p = Peer()
+    p.ready()
+    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
+        p.client(line)
+        p.upstream(b"250 ok\r\n")
+    up, _ = p.client(b"DATA\r\nMAIL FROM:<smuggled@x>\r\n.\r\n")
+    assert up == b"DATA\r\n"
+    up, down = p.upstream(b"554 5.5.1 no valid recipients\r\n")
+    # Refused DATA: what followed is read as commands, and a nested MAIL
+    # and a lone dot never reach the upstream.
+    assert up == b""
+    assert b"503 5.5.1 Error: nested MAIL command" in down
+    assert b"500 5.5.2 Error: command not recognized" in down
+
+
+def test_client_eof_mid_data_never_completes_message() -> None:
+    p = Peer()
+    p.ready()
+    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
+        p.client(line)
+        p.upstream(b"250 ok\r\n")
+    p.client(b"DATA\r\n")
+    p.upstream(b"354 go\r\n")
+    p.client(b"partial line\r\n.")
+    p.s.client_eof()
+    assert p.s.closed and p.s.close_reason == "client_closed"
+    assert p.s.take_upstream_bytes() == b""
+    assert MessageDone("aborted", 15) in p.s.take_events()
+
+
+def test_client_half_close_still_gets_replies() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"RCPT TO:<a@b>\r\nNOOP\r\n")
+    p.s.client_eof()
+    assert not p.s.closed  # NOOP's reply is still owed
+    _, down = p.upstream(b"250 ok\r\n")
+    assert down == b"250 ok\r\n"
+    assert p.s.closed and p.s.close_reason == "client_closed"
+
+
+def test_upstream_close_mid_session_gives_421() -> None:
+    p = Peer(hostname="guard.example")
+    p.ready()
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.s.upstream_eof()
+    assert p.s.take_client_bytes() == (
+        b"421 4.4.2 guard.example Error: lost connection to mail server\r\n"
+    )
+    assert p.s.closed and p.s.close_reason == "upstream_closed"
+
+
+def test_malformed_upstream_reply_gives_421() -> None:
+    p = Peer()
+    p.ready()
+    p.client(b"NOOP\r\n")
+    p.upstream(b"HTTP/1.1 200 OK\r\n")
+    assert p.s.closed and p.s.close_reason == "upstream_error"
+
+
+def test_unknown_and_identity_commands_never_forwarded() -> None:
+    p = Peer()
+    p.ready()
+    up, down = p.client(b"XCLIENT ADDR=1.2.3.4\r\nXFORWARD ADDR=1.2.3.4\r\nFOO bar\r\n")
+    assert up == b""
+    assert down == b"500 5.5.2 Error: command not recognized\r\n" * 3
+
+
+def test_help_local_and_forwarded() -> None:
+    p = Peer(help_local=True, help_topics={"MAIL": ("MAIL FROM:<addr>",)})
+    p.ready()
+    assert p.client(b"HELP MAIL\r\n") == (
+        b"",
+        b"214-2.0.0 MAIL FROM:<addr>\r\n214 2.0.0 End of HELP info\r\n",
+    )
+    assert LocalReply(Verb.HELP, 214) in p.s.take_events()
+    q = Peer(help_local=False)
+    q.ready()
+    assert q.client(b"HELP\r\n") == (b"HELP\r\n", b"")
+
+
+def test_starttls_is_refused_locally_without_tls() -> None:
+    p = Peer()
+    p.ready()
+    assert p.client(b"STARTTLS\r\n") == (b"", b"502 5.5.1 Error: command not implemented\r\n")
+
+
+def test_long_line_gets_500_and_memory_stays_bounded() -> None:
+    p = Peer(max_line_bytes=512, max_sasl_line_bytes=1024)
+    p.ready()
+    for _ in range(100):
+        p.client(b"A" * 1000)
+        assert len(p.s._client_buf) <= 1024
+    up, down = p.client(b"\r\nNOOP\r\n")
+    assert down == b"500 5.5.2 Error: line too long\r\n"
+    assert up == b"NOOP\r\n"
+    p.upstream(b"250 ok\r\n")
+    up, down = p.client(b"MAIL FROM:<" + b"a" * 600 + b">\r\n")
+    assert up == b""
+    assert down == b"500 5.5.2 Error: line too long\r\n"
+
+
+def test_serial_upstream_gets_one_command_at_a_time() -> None:
+    p = Peer()
+    p.ready(b"250-up\r\n250 8BITMIME\r\n")  # no PIPELINING upstream
+    up, down = p.client(b"NOOP\r\nNOOP\r\nVRFY x\r\n")
+    assert up == b"NOOP\r\n"
+    assert p.upstream(b"250 ok\r\n")[0] == b"NOOP\r\n"
+    assert p.upstream(b"250 ok\r\n")[0] == b"VRFY x\r\n"
+
+
+def test_pipelining_offered_but_upstream_serial_by_config() -> None:
+    p = Peer(upstream_pipelining=False)
+    p.upstream(b"220 up\r\n")
+    p.client(b"EHLO c\r\n")
+    assert b"PIPELINING" in p.upstream(EHLO_REPLY)[1]
+    assert p.client(b"NOOP\r\nNOOP\r\n")[0] == b"NOOP\r\n"
+
+
+def test_bdat_chunks_are_relayed_byte_exact() -> None:
+    p = Peer()
+    p.ready()
+    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
+        p.client(line)
+        p.upstream(b"250 ok\r\n")
+    chunk1 = b"Subject: x\r\n\r\nQUIT\r\n.\r\n"
+    chunk2 = b"\x00\xffend\r\n"
+    data = b"BDAT %d\r\n" % len(chunk1) + chunk1 + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2
+    up, _ = p.client(data)
+    assert up == data
+    _, down = p.upstream(b"250 2.0.0 chunk\r\n250 2.0.0 queued\r\n")
+    assert down == b"250 2.0.0 chunk\r\n250 2.0.0 queued\r\n"
+    assert p.s.state.phase is Phase.READY
+
+
+def test_data_after_bdat_and_rejected_bdat_chunk_is_discarded() -> None:
+    p = Peer()
+    p.ready()
+    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
+        p.client(line)
+        p.upstream(b"250 ok\r\n")
+    p.client(b"BDAT 3\r\nabc")
+    p.upstream(b"250 ok\r\n")
+    up, down = p.client(b"DATA\r\n")
+    assert up == b""
+    assert down.startswith(b"503 5.5.1 Error: DATA not allowed after BDAT")
+    q = Peer()
+    q.ready()
+    up, down = q.client(b"BDAT 9\r\nQUIT\r\nxyzNOOP\r\n")
+    assert up == b"NOOP\r\n"  # the 9-byte chunk was read and dropped
+    assert down == b"503 5.5.1 Error: need MAIL command\r\n"
+
+
+def test_auth_exchange_is_relayed_and_sequenced() -> None:
+    p = Peer()
+    p.ready()
+    up, _ = p.client(b"AUTH LOGIN\r\nbm9ib2R5\r\n")
+    assert up == b"AUTH LOGIN\r\n"  # the response waits for the 334
+    up, down = p.upstream(b"334 VXNlcm5hbWU6\r\n")
+    assert (up, down) == (b"bm9ib2R5\r\n", b"334 VXNlcm5hbWU6\r\n")
+    p.upstream(b"334 UGFzc3dvcmQ6\r\n")
+    assert p.client(b"c2VjcmV0\r\n")[0] == b"c2VjcmV0\r\n"
+    p.upstream(b"235 2.7.0 Authentication successful\r\n")
+    assert p.s.state.authenticated
+    assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == (
+        b"503 5.5.1 Error: already authenticated\r\n"
+    )
+
+
+def test_auth_before_ehlo_and_in_transaction() -> None:
+    p = Peer()
+    p.upstream(b"220 up\r\n")
+    assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == b"503 Error: send HELO/EHLO first\r\n"
+    p.client(b"EHLO c\r\n")
+    p.upstream(EHLO_REPLY)
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == (
+        b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "reason_call",
+    ["client_timeout", "upstream_timeout", "shutdown"],
+)
+def test_timeouts_and_shutdown_answer_421(reason_call: str) -> None:
+    p = Peer(hostname="g")
+    p.ready()
+    getattr(p.s, reason_call)()
+    out = p.s.take_client_bytes()
+    assert out.startswith(b"421 4.")
+    assert p.s.closed
+
+
+def test_too_many_pipelined_commands_apply_backpressure() -> None:
+    p = Peer(max_pipelined_commands=5)
+    p.ready()
+    up, _ = p.client(b"NOOP\r\n" * 20)
+    assert up == b"NOOP\r\n" * 5
+    up, _ = p.upstream(b"250 ok\r\n" * 5)
+    assert up == b"NOOP\r\n" * 5
