@@ -317,7 +317,8 @@ class Session:
         self._flush_replies()
         if self.in_transaction_content:
             self._events.append(MessageDone("aborted", self._message_bytes))
-        self._to_client += self._render(reply, hostname=self.options.hostname)
+        # 421s carry their enhanced code even before EHLO, as Postfix's do.
+        self._to_client += reply.render(True, hostname=self.options.hostname)
         self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
         self._to_upstream.clear()
         self.close_reason = reason

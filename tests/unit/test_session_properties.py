@@ -141,7 +141,8 @@ class ModelUpstream:
                 self.mail, self.rcpts, self.bdat = False, 0, False
                 if verb == b"EHLO":
                     caps = b"250-PIPELINING\r\n" if self.pipelining else b""
-                    self.out += b"250-" + echo + b"\r\n" + caps + b"250-CHUNKING\r\n250 AUTH PLAIN\r\n"
+                    caps += b"250-CHUNKING\r\n250 AUTH PLAIN\r\n"
+                    self.out += b"250-" + echo + b"\r\n" + caps
                 else:
                     self.reply(b"250 " + echo)
             else:

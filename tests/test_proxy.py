@@ -1,0 +1,317 @@
+"""The trio layer over in-memory streams: pipelining, trickling, timeouts, failures."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from smtpguard.config import load
+from smtpguard.metrics import Metrics
+from smtpguard.proxy import Proxy
+
+
+class FakeUpstream:
+    """A scripted SMTP upstream on a memory stream that records what it got."""
+
+    def __init__(self, stream: trio.abc.Stream, pipelining: bool = True) -> None:
+        self.stream = stream
+        self.received = bytearray()
+        self.lines: list[bytes] = []
+        self.pipelining = pipelining
+        self.closed = trio.Event()
+        self.silent = False  # stop answering (for timeouts)
+        self.close_after: bytes | None = None  # close when this line arrives
+
+    async def run(self) -> None:
+        buf = bytearray()
+        in_data = False
+        try:
+            await self.stream.send_all(b"220 fake ESMTP\r\n")
+            while True:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    break
+                self.received += chunk
+                buf += chunk
+                while True:
+                    if in_data:
+                        end = buf.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        del buf[: end + 5]
+                        in_data = False
+                        await self.stream.send_all(b"250 2.0.0 queued\r\n")
+                        continue
+                    end = buf.find(b"\r\n")
+                    if end < 0:
+                        break
+                    line = bytes(buf[:end])
+                    del buf[: end + 2]
+                    self.lines.append(line)
+                    if line == self.close_after:
+                        await self.stream.aclose()
+                        return
+                    if self.silent:
+                        continue
+                    verb = line.split(b" ")[0].upper()
+                    if verb == b"EHLO":
+                        caps = b"250-PIPELINING\r\n" if self.pipelining else b""
+                        await self.stream.send_all(
+                            b"250-fake\r\n" + caps + b"250 ENHANCEDSTATUSCODES\r\n"
+                        )
+                    elif verb == b"DATA":
+                        in_data = True
+                        await self.stream.send_all(b"354 go ahead\r\n")
+                    elif verb == b"QUIT":
+                        await self.stream.send_all(b"221 2.0.0 bye\r\n")
+                        await self.stream.aclose()
+                        return
+                    else:
+                        await self.stream.send_all(b"250 2.0.0 ok\r\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.closed.set()
+
+
+def make_proxy(
+    registry: CollectorRegistry, connect: Callable[[], Awaitable[trio.abc.Stream]], **raw: object
+) -> Proxy:
+    config = load({"upstream": "127.0.0.1:25", "hostname": "guard.test", **raw})
+    return Proxy(config, Metrics(registry), connect=connect)
+
+
+async def read_replies(stream: trio.abc.Stream, n: int) -> list[bytes]:
+    """Read until ``n`` complete replies arrived (multi-line joined)."""
+    buf = b""
+    replies: list[bytes] = []
+    current = b""
+    while len(replies) < n:
+        chunk = await stream.receive_some(65536)
+        assert chunk, f"closed after {replies!r}"
+        buf += chunk
+        while b"\r\n" in buf:
+            line, buf = buf.split(b"\r\n", 1)
+            current += line + b"\r\n"
+            if line[3:4] != b"-":
+                replies.append(current)
+                current = b""
+    return replies
+
+
+async def read_to_eof(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+    return data
+
+
+async def start(
+    nursery: trio.Nursery, pipelining: bool = True, **raw: object
+) -> tuple[trio.abc.Stream, FakeUpstream, CollectorRegistry]:
+    registry = CollectorRegistry()
+    client, proxy_side = trio.testing.memory_stream_pair()
+    up_proxy_side, up_side = trio.testing.memory_stream_pair()
+    upstream = FakeUpstream(up_side, pipelining)
+
+    async def connect() -> trio.abc.Stream:
+        nursery.start_soon(upstream.run)
+        return up_proxy_side
+
+    proxy = make_proxy(registry, connect, **raw)
+    nursery.start_soon(proxy.handle, proxy_side)
+    return client, upstream, registry
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    v = registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+async def test_pipelined_batch_gets_ordered_replies_and_upstream_never_sees_violation() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery)
+        assert await read_replies(client, 1) == [b"220 fake ESMTP\r\n"]
+        await client.send_all(
+            b"EHLO c\r\nRCPT TO:<early@x>\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n"
+            b"MAIL FROM:<nested@x>\r\nDATA\r\n"
+        )
+        replies = await read_replies(client, 6)
+        assert replies[0].startswith(b"250-fake")
+        assert replies[1] == b"503 5.5.1 Error: need MAIL before RCPT\r\n"
+        assert replies[2] == b"250 2.0.0 ok\r\n"
+        assert replies[3] == b"250 2.0.0 ok\r\n"
+        assert replies[4] == b"503 5.5.1 Error: nested MAIL command\r\n"
+        assert replies[5] == b"354 go ahead\r\n"
+        await client.send_all(b"Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n")
+        assert await read_replies(client, 2) == [b"250 2.0.0 queued\r\n", b"221 2.0.0 bye\r\n"]
+        assert await read_to_eof(client) == b""
+    assert upstream.lines == [b"EHLO c", b"MAIL FROM:<a@x>", b"RCPT TO:<b@x>", b"DATA", b"QUIT"]
+    assert bytes(upstream.received) == (
+        b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"
+        b"Subject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n"
+    )
+    assert value(registry, "smtpguard_sequence_violations_total", command="RCPT", state="ready")
+    assert value(registry, "smtpguard_sequence_violations_total", command="MAIL", state="mail")
+    assert value(registry, "smtpguard_local_replies_total", code="503") == 2
+    assert value(registry, "smtpguard_sessions_closed_total", reason="quit") == 1
+    assert value(registry, "smtpguard_messages_total", outcome="accepted") == 1
+
+
+async def test_trickled_bytes_one_at_a_time() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, _ = await start(nursery)
+        await read_replies(client, 1)
+        script = b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"
+        for byte in script:
+            await client.send_all(bytes([byte]))
+            await trio.sleep(0)
+        replies = await read_replies(client, 4)
+        assert replies[-1] == b"354 go ahead\r\n"
+        for byte in b"x\r\n.\r\nQUIT\r\n":
+            await client.send_all(bytes([byte]))
+        assert await read_replies(client, 2) == [b"250 2.0.0 queued\r\n", b"221 2.0.0 bye\r\n"]
+    assert bytes(upstream.received) == script + b"x\r\n.\r\nQUIT\r\n"
+
+
+async def test_client_idle_timeout_gives_421(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery, timeouts={"client_command_seconds": 300})
+        await read_replies(client, 1)
+        start_time = trio.current_time()
+        rest = await read_to_eof(client)
+        assert rest == b"421 4.4.2 guard.test Error: timeout exceeded\r\n"
+        assert 299 <= trio.current_time() - start_time <= 301
+    assert value(registry, "smtpguard_sessions_closed_total", reason="client_timeout") == 1
+
+
+async def test_slowloris_is_cut_off_by_the_per_command_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, _ = await start(nursery, timeouts={"client_command_seconds": 300})
+        await read_replies(client, 1)
+        start_time = trio.current_time()
+
+        async def trickle() -> None:
+            try:
+                for byte in b"NOOP and a very long line that never ends" * 10:
+                    await client.send_all(bytes([byte]))
+                    await trio.sleep(60)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        nursery.start_soon(trickle)
+        rest = await read_to_eof(client)
+        assert rest.startswith(b"421 4.4.2")
+        # Cut off at the deadline, not kept alive by each byte.
+        assert trio.current_time() - start_time <= 301
+        nursery.cancel_scope.cancel()
+    assert upstream.lines == []
+
+
+async def test_upstream_reply_timeout_gives_421(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery, timeouts={"command_reply_seconds": 50})
+        await read_replies(client, 1)
+        await client.send_all(b"EHLO c\r\n")
+        await read_replies(client, 1)
+        upstream.silent = True
+        await client.send_all(b"MAIL FROM:<a@x>\r\n")
+        t0 = trio.current_time()
+        assert await read_to_eof(client) == b"421 4.4.2 guard.test Error: mail server timeout\r\n"
+        assert 49 <= trio.current_time() - t0 <= 51
+    assert value(registry, "smtpguard_sessions_closed_total", reason="upstream_timeout") == 1
+
+
+async def test_long_data_reply_wait_does_not_trip_the_client_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While the upstream owes a reply the client is not idle (RFC 5321 4.5.3.2)."""
+    async with trio.open_nursery() as nursery:
+        client, upstream, _ = await start(
+            nursery, timeouts={"client_command_seconds": 10, "command_reply_seconds": 100}
+        )
+        await read_replies(client, 1)
+        await client.send_all(b"EHLO c\r\n")
+        await read_replies(client, 1)
+        upstream.silent = True
+        await client.send_all(b"NOOP\r\n")
+        t0 = trio.current_time()
+        out = await read_to_eof(client)
+        assert out.startswith(b"421 4.4.2 guard.test Error: mail server timeout")
+        assert trio.current_time() - t0 >= 99
+
+
+async def test_upstream_unreachable_gives_421_and_is_counted() -> None:
+    registry = CollectorRegistry()
+
+    async def refuse() -> trio.abc.Stream:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    proxy = make_proxy(registry, refuse)
+    client, proxy_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(proxy.handle, proxy_side)
+        out = await read_to_eof(client)
+    assert out == b"421 4.3.0 guard.test Service not available, try again later\r\n"
+    assert value(registry, "smtpguard_upstream_connect_failures_total", reason="refused") == 1
+    assert value(registry, "smtpguard_local_replies_total", code="421") == 1
+    assert value(registry, "smtpguard_sessions_open") == 0
+
+
+async def test_upstream_closing_mid_session_gives_421() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery)
+        await read_replies(client, 1)
+        upstream.close_after = b"MAIL FROM:<a@x>"
+        await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\n")
+        out = await read_to_eof(client)
+    assert out.endswith(b"421 4.4.2 guard.test Error: lost connection to mail server\r\n")
+    assert value(registry, "smtpguard_sessions_closed_total", reason="upstream_closed") == 1
+
+
+async def test_client_vanishing_mid_data_never_completes_the_message() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery)
+        await read_replies(client, 1)
+        await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
+        await read_replies(client, 4)
+        await client.send_all(b"Subject: cut\r\n\r\nhalf a message\r\n.")
+        await trio.sleep(0.05)
+        await client.aclose()
+        with trio.fail_after(5):
+            await upstream.closed.wait()
+    assert upstream.received.endswith(b"half a message\r\n.")
+    assert b"\r\n.\r\n" not in bytes(upstream.received)
+    assert value(registry, "smtpguard_messages_total", outcome="aborted") == 1
+    assert value(registry, "smtpguard_messages_total", outcome="accepted") == 0
+
+
+async def test_serial_upstream_receives_one_command_at_a_time() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, _ = await start(nursery, pipelining=False)
+        await read_replies(client, 1)
+        await client.send_all(b"EHLO c\r\n")
+        ehlo = (await read_replies(client, 1))[0]
+        assert b"PIPELINING" in ehlo  # offered by smtpguard itself
+        await client.send_all(b"NOOP\r\nNOOP\r\nNOOP\r\nQUIT\r\n")
+        assert len(await read_replies(client, 4)) == 4
+    # Each command went alone: the upstream received them in separate reads
+    # is not observable over a memory stream, but order and count are.
+    assert upstream.lines == [b"EHLO c", b"NOOP", b"NOOP", b"NOOP", b"QUIT"]
+
+
+async def test_garbage_from_client_never_crashes_and_gets_replies() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, _ = await start(nursery)
+        await read_replies(client, 1)
+        await client.send_all(b"\x00\xff\xfe\r\nGET / HTTP/1.1\r\n\r\n" + b"X" * 100000 + b"\r\n")
+        replies = await read_replies(client, 4)
+        assert [r[:3] for r in replies] == [b"500", b"500", b"500", b"500"]
+        await client.send_all(b"QUIT\r\n")
+        assert (await read_replies(client, 1))[0].startswith(b"221")
+    assert upstream.lines == [b"QUIT"]
