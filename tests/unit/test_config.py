@@ -1,0 +1,105 @@
+"""Configuration: validation errors name the key and the problem; exit codes."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from smtpguard.config import Address, ConfigError, load, load_file
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_defaults_are_a_quick_start() -> None:
+    c = load({})
+    assert c.listen == (Address("127.0.0.1", 2525),)
+    assert c.upstream is None
+    assert c.metrics_listen == Address("127.0.0.1", 9325)
+    assert c.session.help_local is True
+    assert c.session.max_line_bytes == 512
+
+
+def test_full_example_config_loads() -> None:
+    c = load_file(REPO / "config" / "smtpguard.yaml")
+    assert c.listen == (Address("0.0.0.0", 25), Address("::", 25))
+    assert c.upstream == Address("127.0.0.1", 10025)
+    assert c.session.discard_keywords == frozenset({"ETRN", "DSN"})
+    assert "MAIL" in c.session.help_topics
+    assert c.timeouts.data_end_seconds == 600
+
+
+def test_config_is_frozen() -> None:
+    c = load({})
+    with pytest.raises(AttributeError):
+        c.upstream = Address("x", 1)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "fragment"),
+    [
+        ({"listen": "127.0.0.1:70000"}, "listen", "port must be 0-65535"),
+        ({"listen": ["127.0.0.1:25", "::1:25"]}, "listen[1]", "need brackets"),
+        ({"listen": "[zz]:25"}, "listen", "not an IPv6 address"),
+        ({"upstream": 25}, "upstream", "must be a 'host:port' string"),
+        ({"upstream": "mx:0"}, "upstream", "port 0"),
+        ({"metrics": {"listen": "localhost"}}, "metrics.listen", "missing port"),
+        ({"metrics": {"port": 1}}, "metrics.port", "unknown key"),
+        ({"help": {"local": "yes"}}, "help.local", "true or false"),
+        ({"help": {"text": []}}, "help.text", "non-empty"),
+        ({"pipelining": {"upstream": "fast"}}, "pipelining.upstream", "'auto' or 'serial'"),
+        ({"limits": {"max_line_bytes": 10}}, "limits.max_line_bytes", "at least 64"),
+        ({"timeouts": {"connect_seconds": -1}}, "timeouts.connect_seconds", "at least"),
+        ({"timeouts": {"connect": 1}}, "timeouts.connect", "unknown key"),
+        ({"lissten": "x"}, "lissten", "unknown key"),
+        ({"hostname": "a b"}, "hostname", "without spaces"),
+        ({"ehlo": {"discard_keywords": "SIZE"}}, "ehlo.discard_keywords", "list"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(
+    raw: dict[str, object], key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(raw)
+    assert info.value.key == key
+    assert fragment in info.value.problem
+
+
+def test_invalid_yaml_names_the_line(tmp_path: pathlib.Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("listen: [127.0.0.1:25\nupstream: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_file(f)
+    assert info.value.key == "file"
+    assert "line" in info.value.problem
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "smtpguard", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_command_exit_codes(tmp_path: pathlib.Path) -> None:
+    good = run_cli("check", "--config", str(REPO / "config" / "smtpguard.yaml"))
+    assert good.returncode == 0, good.stderr
+    assert "config OK" in good.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: 127.0.0.1:25\nlimits:\n  max_line_bytes: many\n")
+    result = run_cli("check", "--config", str(bad))
+    assert result.returncode == 2
+    assert "limits.max_line_bytes: must be a number" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run_cli("check", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2
+    assert "file: cannot read" in missing.stderr
+
+
+def test_serve_refuses_a_bad_config_before_listening(tmp_path: pathlib.Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listen: nowhere\n")
+    result = run_cli("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert "listen: missing port" in result.stderr
