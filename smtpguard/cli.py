@@ -66,7 +66,7 @@ async def serve(config: Config) -> None:
                 address.port,
                 lambda: _upstream_reachable(upstream),
             )
-            print(f"smtpguard: metrics on http://{address.host}:{port}/metrics", flush=True)
+            print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)

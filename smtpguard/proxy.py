@@ -212,6 +212,11 @@ class Connection:
 
 
 def _connect_failure_reason(exc: BaseException) -> str:
+    # trio.open_tcp_stream wraps the per-address errors in an OSError whose
+    # cause is a group of them: judge by the first.
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        exc = cause.exceptions[0]
     if isinstance(exc, trio.TooSlowError):
         return "timeout"
     if isinstance(exc, ConnectionRefusedError):

@@ -35,7 +35,7 @@ A DATA body streams straight through: the session only looks for
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -115,15 +115,20 @@ class MessageDone(NamedTuple):
 Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone
 
 
+#: A local reply, rendered when it is sent: whether enhanced status codes
+#: apply is known only once the replies before it (EHLO's) have arrived.
+Render = Callable[[bool], bytes]
+
+
 class _Slot:
     """One reply owed to the client."""
 
     __slots__ = ("verb", "step", "reply")
 
-    def __init__(self, verb: Verb, step: Verb, reply: bytes | None = None) -> None:
+    def __init__(self, verb: Verb, step: Verb, reply: bytes | Render | None = None) -> None:
         self.verb = verb  #: the client's verb (for metrics)
         self.step = step  #: what the upstream answers (for transitions)
-        self.reply = reply  #: the bytes to send, once known
+        self.reply = reply  #: the bytes to send (or how to render them), once known
 
 
 _INITIAL_BODY_TAIL = b"\r\n"  # the DATA line's CRLF starts the first body line
@@ -307,9 +312,6 @@ class Session:
 
     # ----------------------------------------------------------- internals
 
-    def _render(self, reply: R.Reply, **fields: str) -> bytes:
-        return reply.render(self._enhanced, **fields)
-
     def _fail(self, reply: R.Reply, reason: str) -> None:
         """Send the replies already known, then ``reply``, then close."""
         if self.closed:
@@ -330,7 +332,7 @@ class Session:
             if reply is None:
                 return
             slots.popleft()
-            self._to_client += reply
+            self._to_client += reply if isinstance(reply, bytes) else reply(self._enhanced)
 
     def _recompute_possible(self) -> None:
         possible = frozenset({self.state})
@@ -519,7 +521,7 @@ class Session:
 
     def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
         self._events.append(LocalReply(verb, reply.code))
-        self._queue(_Slot(verb, verb, self._render(reply, **fields)))
+        self._queue(_Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
 
     def _queue(self, slot: _Slot) -> None:
         self._replies_queued += 1
@@ -540,11 +542,15 @@ class Session:
         parts = line.split(None, 1)
         topic = parts[1].strip().upper().decode("ascii", "replace") if len(parts) > 1 else ""
         text = opts.help_topics.get(topic, opts.help_text) if topic else opts.help_text
-        prefix = "214-2.0.0 " if self._enhanced else "214-"
-        out = "".join(f"{prefix}{t}\r\n" for t in text)
-        out += "214 2.0.0 End of HELP info\r\n" if self._enhanced else "214 End of HELP info\r\n"
+
+        def render(enhanced: bool) -> bytes:
+            code = "214-2.0.0 " if enhanced else "214-"
+            out = "".join(f"{code}{t}\r\n" for t in text)
+            out += "214 2.0.0 End of HELP info\r\n" if enhanced else "214 End of HELP info\r\n"
+            return out.encode()
+
         self._events.append(LocalReply(Verb.HELP, 214))
-        self._queue(_Slot(Verb.HELP, Verb.HELP, out.encode()))
+        self._queue(_Slot(Verb.HELP, Verb.HELP, render))
 
     def _bdat(self, line: bytes, expected: str | None) -> bool:
         parts = line.split()

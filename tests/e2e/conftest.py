@@ -40,9 +40,7 @@ def postfix_factory() -> Iterator[Callable[..., Postfix]]:
     """
     started: list[Postfix] = []
 
-    def start(
-        *, legacy: bool = False, extra_main_cf: Mapping[str, str] | None = None
-    ) -> Postfix:
+    def start(*, legacy: bool = False, extra_main_cf: Mapping[str, str] | None = None) -> Postfix:
         instance = Postfix(legacy=legacy, extra_main_cf=extra_main_cf)
         started.append(instance)
         return instance.start()

@@ -545,7 +545,9 @@ class Postfix:
         except FileNotFoundError:
             return ""
 
-    def wait_for_log(self, pattern: str, since_offset: int = 0, timeout: float = 10) -> re.Match[str]:
+    def wait_for_log(
+        self, pattern: str, since_offset: int = 0, timeout: float = 10
+    ) -> re.Match[str]:
         """First match of regex ``pattern`` (MULTILINE) in the log written after ``since_offset``."""
         regex = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + timeout

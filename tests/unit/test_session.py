@@ -370,3 +370,12 @@ def test_too_many_pipelined_commands_apply_backpressure() -> None:
     assert up == b"NOOP\r\n" * 5
     up, _ = p.upstream(b"250 ok\r\n" * 5)
     assert up == b"NOOP\r\n" * 5
+
+
+def test_local_replies_pipelined_behind_ehlo_use_the_codes_it_negotiates() -> None:
+    p = Peer(help_local=True)
+    p.upstream(b"220 up\r\n")
+    assert p.client(b"EHLO c\r\nFOO\r\nHELP\r\n") == (b"EHLO c\r\n", b"")
+    _, down = p.upstream(EHLO_REPLY)
+    assert b"500 5.5.2 Error: command not recognized\r\n" in down
+    assert down.endswith(b"214 2.0.0 End of HELP info\r\n")
