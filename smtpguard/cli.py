@@ -9,8 +9,9 @@ import sys
 
 import trio
 
-from . import __version__
+from . import __version__, logs
 from .config import Address, Config, ConfigError, load, load_file
+from .logs import fields
 from .metrics import Metrics, serve_http
 from .proxy import Proxy
 
@@ -46,9 +47,8 @@ async def serve(config: Config) -> None:
             host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
             upstream = Address(host, port)
             log.info(
-                "no upstream configured: embedded sink on %s stores messages in %s",
-                upstream,
-                config.sink_directory,
+                "embedded sink",
+                extra=fields(upstream=str(upstream), directory=str(config.sink_directory)),
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
         proxy = Proxy(config, metrics, upstream)
@@ -69,7 +69,7 @@ async def serve(config: Config) -> None:
             print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("received %s, stopping", signal.Signals(signum).name)
+                log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
                 nursery.cancel_scope.cancel()
                 break
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument(
         "--config", help="YAML config file (default: built-in quick-start settings)"
     )
-    p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p_serve.add_argument("--log-level", help="debug, info, warning or error (overrides log.level)")
     p_check = sub.add_parser("check", help="validate a config file and exit")
     p_check.add_argument("--config", required=True, help="YAML config file")
     args = parser.parse_args(argv)
@@ -99,13 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smtpguard: config OK (listen {listen}; upstream {upstream})")
         return 0
 
-    level = getattr(logging, str(args.log_level).upper(), None)
-    if not isinstance(level, int):
+    level = (args.log_level or config.log_level).lower()
+    if level not in ("debug", "info", "warning", "error"):
         print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.setup(level, config.log_format)
     try:
         trio.run(serve, config)
     except OSError as exc:

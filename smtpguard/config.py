@@ -68,6 +68,9 @@ class Config:
     metrics_listen: Address | None
     session: SessionOptions
     timeouts: Timeouts = field(default_factory=Timeouts)
+    log_level: str = "info"
+    #: "logfmt" or "json"
+    log_format: str = "logfmt"
 
 
 DEFAULT_HELP = (
@@ -102,6 +105,8 @@ _TOP_KEYS = {
     "ehlo",
     "limits",
     "timeouts",
+    "log",
+    "annotate",
 }
 
 
@@ -247,7 +252,35 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     timeouts_raw = _section(raw, "timeouts", set(Timeouts.__dataclass_fields__))
     timeouts = Timeouts(**{k: _number(f"timeouts.{k}", v, 0.001) for k, v in timeouts_raw.items()})
 
+    log = _section(raw, "log", {"level", "format"})
+    log_level = str(log.get("level", "info")).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"must be debug, info, warning or error, got {log_level!r}")
+    log_format = log.get("format", "logfmt")
+    if log_format not in ("logfmt", "json"):
+        raise ConfigError("log.format", f"must be 'logfmt' or 'json', got {log_format!r}")
+
+    annotate = _section(raw, "annotate", {"mode", "header"})
+    annotate_mode = annotate.get("mode", "off")
+    if annotate_mode is False:
+        annotate_mode = "off"
+    if annotate_mode is True:
+        annotate_mode = "always"
+    if annotate_mode not in ("off", "always", "violations"):
+        raise ConfigError(
+            "annotate.mode", f"must be off, always or violations, got {annotate_mode!r}"
+        )
+    header = annotate.get("header", "X-SMTPGuard")
+    if (
+        not isinstance(header, str)
+        or not 0 < len(header) <= 76
+        or not all(c.isascii() and (c.isalnum() or c == "-") for c in header)
+    ):
+        raise ConfigError("annotate.header", f"must be a header field name, got {header!r}")
+
     session = SessionOptions(
+        annotate=annotate_mode,
+        annotate_header=header,
         hostname=hostname,
         help_local=_bool("help.local", help_.get("local", True)),
         help_text=_lines("help.text", help_.get("text", list(DEFAULT_HELP))),
@@ -272,6 +305,8 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         metrics_listen=metrics_listen,
         session=session,
         timeouts=timeouts,
+        log_level=log_level,
+        log_format=log_format,
     )
 
 

@@ -17,9 +17,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .config import Address, Config, Timeouts
+from .logs import fields
 from .metrics import Metrics
 from .protocol.rules import Verb
 from .protocol.session import Forwarded, Session, UpstreamReplied, Violation
+from .summary import SessionSummary
 
 log = logging.getLogger("smtpguard")
 
@@ -66,6 +68,9 @@ class Connection:
         self._client_reads = 0
         self._sent_at: deque[float] = deque()
         self._opened_at = trio.current_time()
+        self.summary = SessionSummary()
+        self.bytes_from_client = 0
+        self.bytes_to_client = 0
         self._nursery: trio.Nursery
 
     async def run(self) -> None:
@@ -99,6 +104,7 @@ class Connection:
         async with self._client_lock:
             data = session.take_client_bytes()
             if data:
+                self.bytes_to_client += len(data)
                 self.metrics.relayed_bytes("upstream_to_client", len(data))
                 try:
                     with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
@@ -127,14 +133,18 @@ class Connection:
                     self.metrics.reply_latency(event.step, now - start)
             elif type(event) is Violation:
                 log.info(
-                    "violation conn=%d client=%s state=%s command=%s expected=%r action=reject",
-                    self.conn_id,
-                    self.peer,
-                    event.phase.value,
-                    event.verb.value,
-                    event.expected,
+                    "violation",
+                    extra=fields(
+                        conn=self.conn_id,
+                        client=self.peer,
+                        state=event.phase.value,
+                        command=event.verb.value,
+                        expected=event.expected,
+                        action="reject",
+                    ),
                 )
         self.metrics.observe(events)
+        self.summary.observe(events)
 
     def _rearm(self) -> None:
         """Move the one deadline that applies now (RFC 5321 4.5.3.2).
@@ -188,6 +198,7 @@ class Connection:
             except (trio.BrokenResourceError, OSError):
                 data = b""
             self._client_reads += 1
+            self.bytes_from_client += len(data)
             if not data:
                 session.client_eof()
                 await self._settle()
@@ -254,7 +265,9 @@ class Proxy:
         metrics = self.metrics
         metrics.session_opened()
         session = Session(self.config.session)
-        reason = "internal_error"
+        conn: Connection | None = None
+        opened = trio.current_time()
+        log.debug("connect", extra=fields(conn=conn_id, client=peer))
         try:
             try:
                 upstream = await self._connect()
@@ -262,11 +275,10 @@ class Proxy:
                 failure = _connect_failure_reason(exc)
                 metrics.connect_failed(failure)
                 log.warning(
-                    "upstream unreachable conn=%d client=%s upstream=%s reason=%s",
-                    conn_id,
-                    peer,
-                    self.upstream,
-                    failure,
+                    "upstream unreachable",
+                    extra=fields(
+                        conn=conn_id, client=peer, upstream=str(self.upstream), reason=failure
+                    ),
                 )
                 session.upstream_refused()
                 metrics.observe(session.take_events())
@@ -278,13 +290,19 @@ class Proxy:
             )
             await conn.run()
         except Exception:
-            log.exception("internal error conn=%d client=%s", conn_id, peer)
+            log.exception("internal error", extra=fields(conn=conn_id, client=peer))
         finally:
             reason = session.close_reason or "internal_error"
             metrics.session_closed(reason)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(client)
-            log.info("disconnect conn=%d client=%s reason=%s", conn_id, peer, reason)
+            summary: dict[str, object] = {"conn": conn_id, "client": peer, "reason": reason}
+            if conn is not None:
+                summary.update(conn.summary.fields())
+                summary["bytes_in"] = conn.bytes_from_client
+                summary["bytes_out"] = conn.bytes_to_client
+            summary["duration_seconds"] = round(trio.current_time() - opened, 3)
+            log.info("disconnect", extra=fields(**summary))
 
     async def serve(
         self,
@@ -296,7 +314,7 @@ class Proxy:
         for address in self.config.listen:
             listeners += await trio.open_tcp_listeners(address.port, host=address.host)
         for listener in listeners:
-            log.info("listening on %s", _sockname(listener))
+            log.info("listening", extra=fields(address=_sockname(listener)))
         async with trio.open_nursery() as nursery:
             task_status.started(listeners)
             for listener in listeners:
@@ -309,7 +327,7 @@ class Proxy:
                     stream = await listener.accept()
                 except OSError as exc:
                     # EMFILE and friends: back off instead of spinning (as trio does).
-                    log.error("accept failed: %s", exc)
+                    log.error("accept failed", extra=fields(error=str(exc)))
                     await trio.sleep(0.1)
                     continue
                 handlers.start_soon(self._handle_stream, stream)

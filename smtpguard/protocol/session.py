@@ -83,6 +83,10 @@ class SessionOptions:
     max_sasl_line_bytes: int = 12288
     #: Most replies owed to the client before we stop reading from it.
     max_pipelined_commands: int = 100
+    #: Prepend a header recording the session's violations to each message:
+    #: "off", "always" or "violations" (only when there were some).
+    annotate: str = "off"
+    annotate_header: str = "X-SMTPGuard"
 
 
 # Events for the metrics and logs layer.  Small tuples: they are made on
@@ -161,6 +165,8 @@ class Session:
         self._body_open = False
         self._replies_queued = 0
         self._upstream_replies = 0
+        self._violations: list[str] = []  # "VERB@phase", in order
+        self._annotated = False  # the current transaction's header is out
         self._client_done = False
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
@@ -367,6 +373,9 @@ class Session:
             self._message_bytes = 0
         if self.state.phase is Phase.DATA:
             self._body_open = True
+            # Nothing was sent after DATA (it waits for this 354), so the
+            # header goes first in the body.
+            self._to_upstream += self._annotation()
         slot.reply = data
         self._recompute_possible()
         if reply.code == 421 or self.state.phase is Phase.CLOSED:
@@ -507,6 +516,8 @@ class Session:
             return True
         if self._inflight and not self._upstream_pipelining:
             return False  # the upstream takes one command at a time
+        if verb is Verb.MAIL:
+            self._annotated = False
         self._forward(verb, verb, line)
         return True
 
@@ -517,6 +528,7 @@ class Session:
         else:
             phase = min((s.phase for s in self._possible), key=lambda p: p.value)
         self._events.append(Violation(verb, phase, expected))
+        self._violations.append(f"{verb.value}@{phase.value}")
         self._local(verb, R.BAD_SEQUENCE, expected=expected)
 
     def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
@@ -572,8 +584,26 @@ class Session:
         if self._inflight and not self._upstream_pipelining:
             return False
         self._bdat_remaining, self._bdat_forward = size, True
+        header = self._annotation()
+        if header:
+            # The header is part of the first chunk: announce its size too.
+            line = b"BDAT %d" % (size + len(header)) + (b" LAST" if last else b"")
         self._forward(Verb.BDAT, Verb.BDAT_LAST if last else Verb.BDAT, line)
+        self._to_upstream += header
         return True
+
+    def _annotation(self) -> bytes:
+        """The header to prepend to this transaction's message, once (or b"")."""
+        mode = self.options.annotate
+        if self._annotated or mode == "off" or (mode == "violations" and not self._violations):
+            return b""
+        self._annotated = True
+        text = f"{self.options.annotate_header}: {self.options.hostname}; "
+        text += f"violations={len(self._violations)}"
+        if self._violations:
+            kinds = sorted(set(self._violations))
+            text += "; kinds=" + ",".join(kinds[:20])
+        return text.encode("ascii", "replace") + b"\r\n"
 
     def _consume_bdat(self) -> None:
         buf = self._client_buf

@@ -1,0 +1,72 @@
+"""Per-session counts for the summary log line, in the spirit of Postfix's
+
+``disconnect from ... ehlo=1 mail=1 rcpt=0/2 data=1 quit=1 commands=4/6``:
+``n`` when every command of a kind succeeded, ``ok/total`` when some failed
+(a local 503/500 is a failure of that command).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from .protocol.rules import Verb
+from .protocol.session import Event, LocalReply, MessageDone, UpstreamReplied, Violation
+
+# Replies to these steps are not commands of their own (they continue one).
+_NOT_COMMANDS = frozenset({Verb.GREETING, Verb.DATA_END, Verb.AUTH_RESPONSE})
+
+
+class SessionSummary:
+    """Accumulates a session's events into the summary line's fields."""
+
+    def __init__(self) -> None:
+        self.ok: Counter[str] = Counter()
+        self.total: Counter[str] = Counter()
+        self.violations = 0
+        self.messages: Counter[str] = Counter()
+
+    def observe(self, events: Iterable[Event]) -> None:
+        for event in events:
+            if type(event) is UpstreamReplied:
+                if event.step in _NOT_COMMANDS:
+                    continue
+                name = "bdat" if event.step is Verb.BDAT_LAST else event.step.value.lower()
+                self.total[name] += 1
+                if event.code < 400:
+                    self.ok[name] += 1
+            elif type(event) is LocalReply:
+                if event.code != 421:  # a 421 ends the session, it answers no command
+                    self.total[event.verb.value.lower()] += 1
+                    if event.code < 400:
+                        self.ok[event.verb.value.lower()] += 1
+            elif type(event) is Violation:
+                self.violations += 1
+            elif type(event) is MessageDone:
+                self.messages[event.outcome] += 1
+
+    def fields(self) -> dict[str, str | int]:
+        """Ordered fields for the log line: per-verb counts, then commands."""
+        out: dict[str, str | int] = {}
+        for name in sorted(self.total, key=_ORDER.get):  # type: ignore[arg-type]
+            out[name] = _count(self.ok[name], self.total[name])
+        out["commands"] = _count(sum(self.ok.values()), sum(self.total.values()))
+        out["violations"] = self.violations
+        for outcome in ("accepted", "rejected", "aborted"):
+            if self.messages[outcome]:
+                out[f"messages_{outcome}"] = self.messages[outcome]
+        return out
+
+
+def _count(ok: int, total: int) -> str:
+    return str(total) if ok == total else f"{ok}/{total}"
+
+
+# Postfix's order: greeting-time commands first, QUIT last.
+_ORDER = {
+    name: i
+    for i, name in enumerate(
+        "helo ehlo starttls auth mail rcpt data bdat rset noop vrfy expn help "
+        "xclient xforward unknown quit".split()
+    )
+}
