@@ -36,11 +36,12 @@ async def _upstream_reachable(address: Address) -> bool:
     return False
 
 
-async def serve(config: Config) -> None:
-    """Run smtpguard until SIGINT/SIGTERM."""
+async def serve(config: Config, path: str | None = None) -> None:
+    """Run smtpguard until SIGINT/SIGTERM; SIGHUP reloads ``path``."""
     from .sink import serve_sink
 
     metrics = Metrics()
+    metrics.config_loaded(True)
     async with trio.open_nursery() as nursery:
         upstream = config.upstream
         if upstream is None:
@@ -67,11 +68,32 @@ async def serve(config: Config) -> None:
                 lambda: _upstream_reachable(upstream),
             )
             print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    _reload(proxy, metrics, config, path)
+                    continue
                 log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> None:
+    """SIGHUP: load the config file again; a bad one is refused and the old one stays."""
+    if path is None:
+        log.warning("reload ignored", extra=fields(reason="no --config file"))
+        return
+    try:
+        new = load_file(path)
+    except ConfigError as exc:
+        metrics.config_loaded(False)
+        log.error("reload refused", extra=fields(key=exc.key, problem=exc.problem))
+        return
+    if new.listen != old.listen or new.metrics_listen != old.metrics_listen:
+        log.warning("reload: listen addresses change only on restart")
+    proxy.reload(new)
+    metrics.config_loaded(True)
+    log.info("reloaded", extra=fields(path=path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     logs.setup(level, config.log_format)
     try:
-        trio.run(serve, config)
+        trio.run(serve, config, args.config)
     except OSError as exc:
         print(f"smtpguard: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -123,6 +123,16 @@ class Metrics:
         self.help = Counter(
             "smtpguard_help_requests", "HELP commands, by handling", ["handling"], registry=r
         )
+        self.reload_success = Gauge(
+            "smtpguard_config_last_reload_successful",
+            "1 if the last configuration load succeeded, 0 if it was refused",
+            registry=r,
+        )
+        self.reload_time = Gauge(
+            "smtpguard_config_last_reload_success_timestamp_seconds",
+            "When the configuration in use was loaded",
+            registry=r,
+        )
         for verb in CLIENT_VERBS:
             self.forwarded.labels(verb.value)
             for phase in Phase:
@@ -139,6 +149,12 @@ class Metrics:
             self.bytes.labels(direction)
         for handling in ("local", "forwarded"):
             self.help.labels(handling)
+
+    def config_loaded(self, ok: bool) -> None:
+        """Record a configuration (re)load: at start, and on every SIGHUP."""
+        self.reload_success.set(1 if ok else 0)
+        if ok:
+            self.reload_time.set_to_current_time()
 
     def session_opened(self) -> None:
         self.sessions_opened.inc()

@@ -254,6 +254,13 @@ class Proxy:
             raise ValueError("no upstream address")
         self.upstream = upstream
         self._connect = connect or self._connect_tcp
+        self._fixed_upstream = upstream is not config.upstream
+
+    def reload(self, config: Config) -> None:
+        """Use ``config`` for new sessions; sessions in flight keep theirs."""
+        self.config = config
+        if not self._fixed_upstream and config.upstream is not None:
+            self.upstream = config.upstream
 
     async def _connect_tcp(self) -> trio.abc.Stream:
         with trio.fail_after(self.config.timeouts.connect_seconds):
@@ -264,7 +271,8 @@ class Proxy:
         conn_id = next(_ids)
         metrics = self.metrics
         metrics.session_opened()
-        session = Session(self.config.session)
+        config = self.config  # a reload mid-session must not mix two configs
+        session = Session(config.session)
         conn: Connection | None = None
         opened = trio.current_time()
         log.debug("connect", extra=fields(conn=conn_id, client=peer))
@@ -285,9 +293,7 @@ class Proxy:
                 with trio.move_on_after(10):
                     await client.send_all(session.take_client_bytes())
                 return
-            conn = Connection(
-                client, upstream, session, self.config.timeouts, metrics, conn_id, peer
-            )
+            conn = Connection(client, upstream, session, config.timeouts, metrics, conn_id, peer)
             await conn.run()
         except Exception:
             log.exception("internal error", extra=fields(conn=conn_id, client=peer))
