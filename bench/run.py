@@ -320,6 +320,10 @@ def run_source(
         proc.kill()
         _, err = proc.communicate(timeout=STOP_TIMEOUT)
         seconds = float("inf")
+    except BaseException:  # Ctrl-C, SIGTERM: do not leave it running or unreaped
+        proc.kill()
+        proc.wait(STOP_TIMEOUT)
+        raise
     finally:
         children.procs.pop("smtp-source", None)
     relay_cpu = cpu_seconds(relay_pid) - cpu_before
