@@ -9,6 +9,7 @@ their series exist at 0.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import trio
 from prometheus_client import (
@@ -149,6 +150,13 @@ class Metrics:
             self.bytes.labels(direction)
         for handling in ("local", "forwarded"):
             self.help.labels(handling)
+        # Label look-ups cost more than the increments: keep the children.
+        self._forwarded = {v: self.forwarded.labels(v.value) for v in Verb}
+        self._latency = {v: self.upstream_latency.labels(v.value) for v in Verb}
+        self._bytes = {
+            d: self.bytes.labels(d) for d in ("client_to_upstream", "upstream_to_client")
+        }
+        self._replies: dict[tuple[Verb, int], Any] = {}
 
     def config_loaded(self, ok: bool) -> None:
         """Record a configuration (re)load: at start, and on every SIGHUP."""
@@ -168,20 +176,26 @@ class Metrics:
         self.connect_failures.labels(reason).inc()
 
     def relayed_bytes(self, direction: str, n: int) -> None:
-        self.bytes.labels(direction).inc(n)
+        self._bytes[direction].inc(n)
 
     def reply_latency(self, step: Verb, seconds: float) -> None:
-        self.upstream_latency.labels(step.value).observe(seconds)
+        self._latency[step].observe(seconds)
 
     def observe(self, events: Iterable[Event]) -> None:
-        """Count what the core decided."""
+        """Count what the core decided (children cached: this runs per command)."""
         for event in events:
             if type(event) is Forwarded:
-                self.forwarded.labels(event.step.value).inc()
+                self._forwarded[event.step].inc()
                 if event.step is Verb.HELP:
                     self.help.labels("forwarded").inc()
             elif type(event) is UpstreamReplied:
-                self.upstream_replies.labels(event.step.value, f"{event.code // 100}xx").inc()
+                key = (event.step, event.code // 100)
+                child = self._replies.get(key)
+                if child is None:
+                    child = self._replies[key] = self.upstream_replies.labels(
+                        event.step.value, f"{event.code // 100}xx"
+                    )
+                child.inc()
             elif type(event) is LocalReply:
                 self.local_replies.labels(str(event.code)).inc()
                 if event.code == 214:

@@ -39,6 +39,13 @@ def _reply_timeout(timeouts: Timeouts, step: Verb | None) -> float:
     return timeouts.command_reply_seconds
 
 
+async def _acquire(lock: trio.Lock) -> None:
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 class Connection:
     """One client and its upstream connection, driven by a :class:`Session`."""
 
@@ -88,32 +95,42 @@ class Connection:
 
     # Every path that changes the session ends here: one place writes,
     # re-arms the deadline and closes.  Bytes are taken inside the lock so
-    # two pumps settling at once cannot reorder them.
+    # two pumps settling at once cannot reorder them; the lock is taken
+    # without a checkpoint when it is free (the common case: this is the hot
+    # path, run several times per message).
     async def _settle(self) -> None:
         session = self.session
         self._observe()
-        async with self._upstream_lock:
-            data = session.take_upstream_bytes()
-            if data:
-                self.metrics.relayed_bytes("client_to_upstream", len(data))
-                try:
-                    await self.upstream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    session.upstream_eof()
+        if session.has_upstream_bytes:
+            await _acquire(self._upstream_lock)
+            try:
+                data = session.take_upstream_bytes()
+                if data:
+                    self.metrics.relayed_bytes("client_to_upstream", len(data))
+                    try:
+                        await self.upstream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        session.upstream_eof()
+                        self._observe()
+            finally:
+                self._upstream_lock.release()
+        if session.has_client_bytes:
+            await _acquire(self._client_lock)
+            try:
+                data = session.take_client_bytes()
+                if data:
+                    self.bytes_to_client += len(data)
+                    self.metrics.relayed_bytes("upstream_to_client", len(data))
+                    try:
+                        with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
+                            await self.client.send_all(data)
+                        if scope.cancelled_caught:
+                            session.abort("client_timeout")
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        session.abort("client_closed")
                     self._observe()
-        async with self._client_lock:
-            data = session.take_client_bytes()
-            if data:
-                self.bytes_to_client += len(data)
-                self.metrics.relayed_bytes("upstream_to_client", len(data))
-                try:
-                    with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
-                        await self.client.send_all(data)
-                    if scope.cancelled_caught:
-                        session.abort("client_timeout")
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    session.abort("client_closed")
-                self._observe()
+            finally:
+                self._client_lock.release()
         if session.closed:
             self._nursery.cancel_scope.cancel()
             return

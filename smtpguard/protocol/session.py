@@ -187,6 +187,14 @@ class Session:
         self._to_upstream.clear()
         return data
 
+    @property
+    def has_client_bytes(self) -> bool:
+        return bool(self._to_client)
+
+    @property
+    def has_upstream_bytes(self) -> bool:
+        return bool(self._to_upstream)
+
     def take_events(self) -> list[Event]:
         """Events since the last call (for metrics and logs)."""
         events = self._events
