@@ -22,12 +22,14 @@ from prometheus_client import (
 )
 
 from . import __version__
+from .protocol.policy import ALLOWED, Defence
 from .protocol.rules import CLIENT_VERBS, Phase, Verb
 from .protocol.session import (
     Event,
     Forwarded,
     LocalReply,
     MessageDone,
+    PolicyAction,
     UpstreamReplied,
     Violation,
 )
@@ -124,6 +126,15 @@ class Metrics:
         self.help = Counter(
             "smtpguard_help_requests", "HELP commands, by handling", ["handling"], registry=r
         )
+        self.policy_actions = Counter(
+            "smtpguard_policy_actions",
+            "Protection policy decisions, by defence and the action taken",
+            ["defence", "action"],
+            registry=r,
+        )
+        for defence in Defence:
+            for action in ALLOWED.get(defence, ("observe", "reject")):
+                self.policy_actions.labels(defence.value, action)
         self.reload_success = Gauge(
             "smtpguard_config_last_reload_successful",
             "1 if the last configuration load succeeded, 0 if it was refused",
@@ -205,6 +216,8 @@ class Metrics:
             elif type(event) is MessageDone:
                 self.messages.labels(event.outcome).inc()
                 self.message_size.observe(event.size_bytes)
+            elif type(event) is PolicyAction:
+                self.policy_actions.labels(event.defence.value, event.action).inc()
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -309,9 +309,22 @@ async def test_garbage_from_client_never_crashes_and_gets_replies() -> None:
     async with trio.open_nursery() as nursery:
         client, upstream, _ = await start(nursery)
         await read_replies(client, 1)
-        await client.send_all(b"\x00\xff\xfe\r\nGET / HTTP/1.1\r\n\r\n" + b"X" * 100000 + b"\r\n")
+        await client.send_all(b"\x00\xff\xfe\r\nWIBBLE / x\r\n\r\n" + b"X" * 100000 + b"\r\n")
         replies = await read_replies(client, 4)
         assert [r[:3] for r in replies] == [b"500", b"500", b"500", b"500"]
         await client.send_all(b"QUIT\r\n")
         assert (await read_replies(client, 1))[0].startswith(b"221")
     assert upstream.lines == [b"QUIT"]
+
+
+async def test_http_request_is_dropped_without_bothering_the_upstream() -> None:
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery)
+        await read_replies(client, 1)
+        await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = await read_to_eof(client)
+    assert out == b"521 5.7.0 guard.test Error: non-SMTP command\r\n"
+    assert upstream.lines == []
+    assert value(
+        registry, "smtpguard_policy_actions_total", defence="non_smtp", action="disconnect"
+    ) == 1

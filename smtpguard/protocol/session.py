@@ -39,8 +39,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import policy as P
 from . import replies as R
-from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply, find_data_end
+from .body import BodyFilter
+from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .policy import Defence, Policy
 from .rules import (
     FRAMING,
     LOCAL_ONLY,
@@ -87,6 +90,8 @@ class SessionOptions:
     #: "off", "always" or "violations" (only when there were some).
     annotate: str = "off"
     annotate_header: str = "X-SMTPGuard"
+    #: Protection policies: actions per defence and limits.
+    policy: Policy = field(default_factory=Policy)
 
 
 # Events for the metrics and logs layer.  Small tuples: they are made on
@@ -116,7 +121,13 @@ class MessageDone(NamedTuple):
     size_bytes: int
 
 
-Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone
+class PolicyAction(NamedTuple):
+    defence: Defence
+    action: str  #: what was done: observe, reject, disconnect or normalize
+    detail: str  #: for the log line (never client data)
+
+
+Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone | PolicyAction
 
 
 #: A local reply, rendered when it is sent: whether enhanced status codes
@@ -133,9 +144,6 @@ class _Slot:
         self.verb = verb  #: the client's verb (for metrics)
         self.step = step  #: what the upstream answers (for transitions)
         self.reply = reply  #: the bytes to send (or how to render them), once known
-
-
-_INITIAL_BODY_TAIL = b"\r\n"  # the DATA line's CRLF starts the first body line
 
 
 class Session:
@@ -156,7 +164,8 @@ class Session:
         self._recompute_possible()
         self._held: tuple[Verb, bytes] | None = None
         self._discarding_long_line = False
-        self._body_tail = _INITIAL_BODY_TAIL
+        self._body: BodyFilter | None = None
+        self._body_reported: set[str] = set()
         self._message_bytes = 0
         self._bdat_remaining = 0
         self._bdat_forward = False
@@ -168,6 +177,15 @@ class Session:
         self._violations: list[str] = []  # "VERB@phase", in order
         self._annotated = False  # the current transaction's header is out
         self._client_done = False
+        #: Set when a policy ends the session: the reply to send once every
+        #: owed reply is out (None: none), and the close reason.
+        self._final: tuple[R.Reply | None, str] | None = None
+        self._client_pipelining = False  # PIPELINING offered in our EHLO reply
+        self._rcpts = 0  # RCPTs forwarded in this transaction
+        self._unknown = 0
+        self._errors = 0
+        self._early_reported = False
+        self._bdat_tail = b""
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
         #: "upstream_error", "upstream_refused", "shutdown".
@@ -247,8 +265,11 @@ class Session:
         """Bytes from the client."""
         if self.closed or self._client_done:
             return
+        if self.state.phase is Phase.GREETING and not self._early_talk():
+            return
         self._client_buf += data
         self._process_client()
+        self._maybe_finish()
 
     def receive_upstream(self, data: bytes | bytearray) -> None:
         """Bytes from the upstream."""
@@ -284,11 +305,16 @@ class Session:
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
-        if self._client_done and not self._slots and self._held is None and not self.closed:
-            if self.in_transaction_content:
-                self._events.append(MessageDone("aborted", self._message_bytes))
-                self._to_upstream.clear()
-            self.close_reason = "client_closed"
+        if self._slots or self._held is not None or self.closed:
+            return
+        if self._final is not None:
+            reply, reason = self._final
+            if reply is not None:
+                self._to_client += reply.render(True, hostname=self.options.hostname)
+                self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
+            self.abort(reason)
+        elif self._client_done:
+            self.abort("client_closed")
 
     def upstream_eof(self) -> None:
         """The upstream closed its side."""
@@ -307,6 +333,33 @@ class Session:
             self._events.append(MessageDone("aborted", self._message_bytes))
         self._to_upstream.clear()
         self.close_reason = reason
+
+    def _end_after_replies(self, reply: R.Reply | None, reason: str = "policy") -> None:
+        """Stop reading the client; once owed replies are out, send ``reply`` and close."""
+        self._client_done = True
+        if self._final is None:
+            self._final = (reply, reason)
+        self._maybe_finish()
+
+    def _policy(self, defence: Defence, action: str, detail: str) -> None:
+        self._events.append(PolicyAction(defence, action, detail))
+
+    def _limit_action(self, defence: Defence, detail: str) -> bool:
+        """Report a limit; True if it is enforced (not observe mode)."""
+        observe = self.options.policy.observe_limits
+        self._policy(defence, "observe" if observe else "reject", detail)
+        return not observe
+
+    def _early_talk(self) -> bool:
+        """Bytes before the greeting; False if they must be dropped."""
+        action = self.options.policy.early_talk
+        if not self._early_reported:
+            self._early_reported = True
+            self._policy(Defence.EARLY_TALK, action, "client talked before the greeting")
+        if action == "disconnect":
+            self._fail(P.EARLY_TALKER, "policy")
+            return False
+        return action == "observe"
 
     def upstream_refused(self) -> None:
         """The upstream could not be reached: 421 and close."""
@@ -368,6 +421,8 @@ class Session:
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
         self._events.append(UpstreamReplied(step, reply.code))
+        if cls >= 4 and reply.code != 421:
+            self._count_error()
         data = reply.raw
         if step is Verb.EHLO and cls == 2:
             data = self._rewrite_ehlo(reply)
@@ -375,12 +430,15 @@ class Session:
             # No ESMTP after HELO; after TLS the capabilities are learnt anew.
             self._enhanced = False
             self._upstream_pipelining = False
+            self._client_pipelining = False
         elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
             outcome = "accepted" if cls == 2 else "rejected"
             self._events.append(MessageDone(outcome, self._message_bytes))
             self._message_bytes = 0
         if self.state.phase is Phase.DATA:
             self._body_open = True
+            self._body = BodyFilter(self.options.policy.smuggling)
+            self._body_reported = set()
             # Nothing was sent after DATA (it waits for this 354), so the
             # header goes first in the body.
             self._to_upstream += self._annotation()
@@ -411,6 +469,19 @@ class Session:
         self._upstream_pipelining = b"PIPELINING" in keywords and opts.upstream_pipelining
         if opts.offer_pipelining and b"PIPELINING" not in keywords:
             kept.append(b"PIPELINING\r\n")
+        self._client_pipelining = opts.offer_pipelining
+        limit = opts.policy.max_message_bytes
+        if limit:
+            # Announce our own limit where it is lower than the upstream's.
+            for i, text in enumerate(kept):
+                if i and text.split(None, 1)[0].upper() == b"SIZE":
+                    value = text.split()[1:2]
+                    theirs = int(value[0]) if value and value[0].isdigit() else 0
+                    if not theirs or theirs > limit:
+                        kept[i] = b"SIZE %d\r\n" % limit
+                    break
+            else:
+                kept.append(b"SIZE %d\r\n" % limit)
         self._enhanced = b"ENHANCEDSTATUSCODES" in keywords
         code = lines[0][:3]
         out = bytearray()
@@ -459,16 +530,25 @@ class Session:
                 if framing is Framing.SASL
                 else max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
             )
-            line = self._take_line(limit)
-            if line is None:
+            if framing is Framing.COMMAND and buf.startswith(P.TLS_HANDSHAKE_PREFIX):
+                if self._non_smtp("TLS handshake on a plaintext port"):
+                    return
+            taken = self._take_line(limit)
+            if taken is None:
                 return
+            line, bare = taken
             if framing is Framing.SASL:
                 self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, line)
                 continue
+            if (bare or b"\r" in line) and not self._bare_command(line, bare):
+                continue
+            if self._slots and not self._in_sync(line):
+                continue
             self._command(line)
 
-    def _take_line(self, limit: int) -> bytes | None:
-        """The next complete line without its line ending, or None if there is none.
+    def _take_line(self, limit: int) -> tuple[bytes, bool] | None:
+        """The next complete line without its line ending, and whether it ended
+        in a bare LF; None if there is none.
 
         Over-long lines are answered with 500 and dropped here, so memory
         stays bounded by ``limit`` whatever the client sends.
@@ -488,7 +568,57 @@ class Session:
                 continue
             line = bytes(buf[:end])
             del buf[: end + 1]
-            return line[:-1] if line.endswith(b"\r") else line
+            if line.endswith(b"\r"):
+                return line[:-1], False
+            return line, True
+
+    def _bare_command(self, line: bytes, bare_lf: bool) -> bool:
+        """A command line with a bare CR or LF; True if it may go on."""
+        action = self.options.policy.smuggling
+        detail = "bare <LF> ends a command" if bare_lf else "bare <CR> in a command"
+        self._policy(Defence.SMUGGLING, action if action != "normalize" else "normalize", detail)
+        if action == "observe" or (action == "normalize" and b"\r" not in line):
+            return True  # sent on with CRLF: one command for every reader
+        self._local(Verb.UNKNOWN, P.BARE_NEWLINE_COMMAND)
+        return False
+
+    def _in_sync(self, line: bytes) -> bool:
+        """RFC 2920 3.1: may the client send ``line`` while replies are owed?"""
+        word = line.split(b" ", 1)[0].upper()
+        if word == b"QUIT":
+            return True  # tolerated after anything (common client behaviour)
+        owed = [s for s in self._slots if s.step is not Verb.GREETING]
+        if not owed:
+            return True
+        if self._client_pipelining and not any(s.step.value in P.GROUP_ENDERS for s in owed):
+            return True
+        action = self.options.policy.pipelining
+        self._policy(Defence.PIPELINING, action, "command sent before the reply it depends on")
+        if action == "observe":
+            return True
+        self._local(Verb.UNKNOWN, P.SYNC_ERROR)
+        if action == "disconnect":
+            self._end_after_replies(None)
+        return False
+
+    def _non_smtp(self, detail: str) -> bool:
+        """Not an SMTP client; True if the session ends here."""
+        action = self.options.policy.non_smtp
+        self._policy(Defence.NON_SMTP, action, detail)
+        if action != "disconnect":
+            return False
+        if detail.startswith("TLS"):
+            self.abort("policy")  # a text reply means nothing to a TLS client
+        else:
+            self._fail(P.NON_SMTP_COMMAND, "policy")
+        return True
+
+    def _count_error(self) -> None:
+        """Postfix's hard error limit: too many error replies end the session."""
+        self._errors += 1
+        limit = self.options.policy.hard_error_limit
+        if self._errors == limit and self._limit_action(Defence.ERROR_LIMIT, "error replies"):
+            self._end_after_replies(P.TOO_MANY_ERRORS)
 
     def _command(self, line: bytes) -> None:
         word = line.split(b" ", 1)[0].upper()
@@ -499,6 +629,15 @@ class Session:
         if b"\0" in line:
             self._local(verb, R.BAD_SYNTAX)
             return
+        if verb is Verb.UNKNOWN:
+            if (word in P.NON_SMTP_WORDS or word.endswith(b":")) and self._non_smtp(
+                "HTTP request or header line as a command"
+            ):
+                return
+            self._unknown += 1
+            if self._unknown == self.options.policy.max_unknown_commands + 1:
+                if self._limit_action(Defence.UNKNOWN_COMMANDS, "unknown commands"):
+                    self._end_after_replies(P.TOO_MANY_ERRORS)
         if not self._decide(verb, line):
             self._held = (verb, line)
 
@@ -514,8 +653,23 @@ class Session:
         if verb is Verb.BDAT:
             return self._bdat(line, expected)
         if expected is not None:
-            self._violation(verb, expected)
+            action = self.options.policy.sequence
+            if action != "observe":
+                self._violation(verb, expected)
+                self._policy(Defence.SEQUENCE, action, expected)
+                if action == "disconnect":
+                    self._end_after_replies(None)
+                return True
+            if self._inflight and not self._upstream_pipelining:
+                return False
+            self._violation(verb, expected, local=False)
+            self._policy(Defence.SEQUENCE, action, expected)
+        elif verb is Verb.MAIL and not self._mail_size_ok(line):
             return True
+        elif verb is Verb.RCPT and self._rcpts >= self.options.policy.max_recipients:
+            if self._limit_action(Defence.RECIPIENTS, "recipients in one transaction"):
+                self._local(verb, P.TOO_MANY_RECIPIENTS)
+                return True
         if verb is Verb.HELP and self.options.help_local:
             self._help(line)
             return True
@@ -526,10 +680,25 @@ class Session:
             return False  # the upstream takes one command at a time
         if verb is Verb.MAIL:
             self._annotated = False
+            self._rcpts = 0
+        elif verb is Verb.RCPT:
+            self._rcpts += 1
         self._forward(verb, verb, line)
         return True
 
-    def _violation(self, verb: Verb, expected: str) -> None:
+    def _mail_size_ok(self, line: bytes) -> bool:
+        """MAIL ... SIZE=n above our limit gets 552 (RFC 1870)."""
+        limit = self.options.policy.max_message_bytes
+        if not limit:
+            return True
+        for param in line.upper().split()[2:] if b"SIZE=" in line.upper() else ():
+            if param.startswith(b"SIZE=") and param[5:].isdigit() and int(param[5:]) > limit:
+                if self._limit_action(Defence.MESSAGE_SIZE, "declared SIZE above the limit"):
+                    self._local(Verb.MAIL, P.MESSAGE_TOO_BIG)
+                    return False
+        return True
+
+    def _violation(self, verb: Verb, expected: str, local: bool = True) -> None:
         # With replies in flight, report the phase the upstream will be in.
         if self.state in self._possible:
             phase = self.state.phase
@@ -537,10 +706,13 @@ class Session:
             phase = min((s.phase for s in self._possible), key=lambda p: p.value)
         self._events.append(Violation(verb, phase, expected))
         self._violations.append(f"{verb.value}@{phase.value}")
-        self._local(verb, R.BAD_SEQUENCE, expected=expected)
+        if local:
+            self._local(verb, R.BAD_SEQUENCE, expected=expected)
 
     def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
         self._events.append(LocalReply(verb, reply.code))
+        if reply.code >= 400 and reply.code != 421:
+            self._count_error()
         self._queue(_Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
 
     def _queue(self, slot: _Slot) -> None:
@@ -584,14 +756,21 @@ class Session:
         if expected is None and not self.options.chunking:
             expected = "BDAT not supported"
         size = int(parts[1])
-        if expected is not None:
+        if expected is not None and self.options.policy.sequence != "observe":
             # The chunk still follows the command: read it and drop it.
             self._bdat_remaining, self._bdat_forward = size, False
             self._violation(Verb.BDAT, expected)
+            self._policy(Defence.SEQUENCE, self.options.policy.sequence, expected)
+            if self.options.policy.sequence == "disconnect":
+                self._end_after_replies(None)
             return True
         if self._inflight and not self._upstream_pipelining:
             return False
+        if expected is not None:
+            self._violation(Verb.BDAT, expected, local=False)
+            self._policy(Defence.SEQUENCE, "observe", expected)
         self._bdat_remaining, self._bdat_forward = size, True
+        self._bdat_tail = b""
         header = self._annotation()
         if header:
             # The header is part of the first chunk: announce its size too.
@@ -617,25 +796,61 @@ class Session:
         buf = self._client_buf
         n = min(self._bdat_remaining, len(buf))
         if self._bdat_forward:
-            self._to_upstream += buf[:n]
+            chunk = bytes(buf[:n])
+            # BDAT frames by size, so a bare CR/LF cannot end it here; it is
+            # still reported (and rejected if configured) for upstreams that
+            # rewrite line endings.  Chunk sizes are the client's: no rewrite.
+            joined = self._bdat_tail + chunk
+            crlf = joined.count(b"\r\n")
+            if joined.count(b"\n") != crlf or joined.rstrip(b"\r").count(b"\r") != crlf:
+                if self._smuggling_found({"bare_lf_or_cr"}):
+                    return
+            self._bdat_tail = chunk[-1:]
+            self._to_upstream += chunk
             self._message_bytes += n
+            if not self._size_ok():
+                return
         del buf[:n]
         self._bdat_remaining -= n
+
+    def _size_ok(self) -> bool:
+        limit = self.options.policy.max_message_bytes
+        if limit and self._message_bytes > limit and self._message_bytes - limit <= 65536:
+            if self._limit_action(Defence.MESSAGE_SIZE, "message above the limit"):
+                self._fail(P.MESSAGE_TOO_BIG, "policy")
+                return False
+            self._message_bytes += 65537  # report once
+        return True
+
+    def _smuggling_found(self, findings: set[str]) -> bool:
+        """Report new findings; True if the session ends (reject)."""
+        action = self.options.policy.smuggling
+        new = findings - self._body_reported
+        for finding in sorted(new):
+            self._policy(Defence.SMUGGLING, action, finding)
+        self._body_reported |= new
+        if action == "reject":
+            # The message cannot be completed upstream any more: refuse it
+            # and drop the upstream connection without a final dot.
+            self._fail(P.BARE_NEWLINE, "policy")
+            return True
+        return False
 
     def _consume_body(self) -> bool:
         """Stream DATA body bytes; True once the final dot has been passed on."""
         buf = self._client_buf
-        end = find_data_end(self._body_tail, buf)
-        if end < 0:
-            self._to_upstream += buf
-            self._message_bytes += len(buf)
-            self._body_tail = (self._body_tail + bytes(buf[-4:]))[-4:]
-            buf.clear()
+        assert self._body is not None
+        out, used, ended = self._body.feed(buf)
+        if self._body.findings - self._body_reported and self._smuggling_found(self._body.findings):
             return False
-        self._to_upstream += buf[:end]
-        self._message_bytes += end
-        del buf[:end]
-        self._body_tail = _INITIAL_BODY_TAIL
+        self._to_upstream += out
+        self._message_bytes += used
+        del buf[:used]
+        if not self._size_ok():
+            return False
+        if not ended:
+            return False
+        self._body = None
         self._body_open = False
         self._events.append(Forwarded(Verb.DATA_END))
         slot = _Slot(Verb.DATA, Verb.DATA_END)
