@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from .protocol import SessionOptions
+from .protocol.policy import ALLOWED, Policy
 
 
 class ConfigError(Exception):
@@ -71,6 +72,12 @@ class Config:
     log_level: str = "info"
     #: "logfmt" or "json"
     log_format: str = "logfmt"
+    #: postscreen-style greet_wait: listen for early talkers before connecting upstream.
+    greet_wait_seconds: float = 0.0
+    max_connections: int = 10000
+    max_connections_per_client: int = 50
+    #: Connection limits only count (``policy.mode: observe``).
+    connections_observe: bool = False
 
 
 DEFAULT_HELP = (
@@ -107,6 +114,7 @@ _TOP_KEYS = {
     "timeouts",
     "log",
     "annotate",
+    "policy",
 }
 
 
@@ -181,6 +189,38 @@ def _lines(key: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, float]:
+    """``policy:`` and the limits it enforces; ``mode: observe`` turns every action to observe."""
+    section = _section(raw, "policy", {"mode", "greet_wait_seconds", *(d.value for d in ALLOWED)})
+    mode = section.get("mode", "enforce")
+    if mode not in ("observe", "enforce"):
+        raise ConfigError("policy.mode", f"must be 'observe' or 'enforce', got {mode!r}")
+    defaults = Policy()
+    actions: dict[str, str] = {}
+    for defence, allowed in ALLOWED.items():
+        key = defence.value
+        action = section.get(key, getattr(defaults, key))
+        if action not in allowed:
+            raise ConfigError(
+                f"policy.{key}", f"must be one of {', '.join(allowed)}, got {action!r}"
+            )
+        actions[key] = "observe" if mode == "observe" else action
+    greet_wait = _number("policy.greet_wait_seconds", section.get("greet_wait_seconds", 0), 0)
+
+    def limit(key: str, default: int) -> int:
+        return int(_number(f"limits.{key}", limits.get(key, default), 0, True))
+
+    policy = Policy(
+        max_message_bytes=limit("max_message_bytes", 0),
+        max_recipients=limit("max_recipients", defaults.max_recipients),
+        max_unknown_commands=limit("max_unknown_commands", defaults.max_unknown_commands),
+        hard_error_limit=limit("hard_error_limit", defaults.hard_error_limit),
+        observe_limits=mode == "observe",
+        **actions,
+    )
+    return policy, float(greet_wait)
+
+
 def load(raw: object, base: pathlib.Path | None = None) -> Config:
     """Validate parsed YAML (a mapping) into a :class:`Config`.
 
@@ -248,7 +288,32 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     if not isinstance(discard, list) or not all(isinstance(k, str) and k for k in discard):
         raise ConfigError("ehlo.discard_keywords", "must be a list of EHLO keywords")
 
-    limits = _section(raw, "limits", {"max_line_bytes", "max_pipelined_commands"})
+    limits = _section(
+        raw,
+        "limits",
+        {
+            "max_line_bytes",
+            "max_pipelined_commands",
+            "max_message_bytes",
+            "max_recipients",
+            "max_unknown_commands",
+            "hard_error_limit",
+            "max_connections",
+            "max_connections_per_client",
+        },
+    )
+    policy, greet_wait = _policy(raw, limits)
+    max_connections = int(
+        _number("limits.max_connections", limits.get("max_connections", 10000), 1, True)
+    )
+    max_per_client = int(
+        _number(
+            "limits.max_connections_per_client",
+            limits.get("max_connections_per_client", 50),
+            1,
+            True,
+        )
+    )
     timeouts_raw = _section(raw, "timeouts", set(Timeouts.__dataclass_fields__))
     timeouts = Timeouts(**{k: _number(f"timeouts.{k}", v, 0.001) for k, v in timeouts_raw.items()})
 
@@ -279,6 +344,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         raise ConfigError("annotate.header", f"must be a header field name, got {header!r}")
 
     session = SessionOptions(
+        policy=policy,
         annotate=annotate_mode,
         annotate_header=header,
         hostname=hostname,
@@ -307,6 +373,10 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         timeouts=timeouts,
         log_level=log_level,
         log_format=log_format,
+        greet_wait_seconds=greet_wait,
+        max_connections=max_connections,
+        max_connections_per_client=max_per_client,
+        connections_observe=policy.observe_limits,
     )
 
 

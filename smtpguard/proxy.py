@@ -8,6 +8,8 @@ client never takes the server down, and never sees a traceback.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
 import itertools
 import logging
@@ -19,8 +21,9 @@ import trio
 from .config import Address, Config, Timeouts
 from .logs import fields
 from .metrics import Metrics
+from .protocol.policy import TOO_MANY_CONNECTIONS, Defence
 from .protocol.rules import Verb
-from .protocol.session import Forwarded, Session, UpstreamReplied, Violation
+from .protocol.session import Forwarded, PolicyAction, Session, UpstreamReplied, Violation
 from .summary import SessionSummary
 
 log = logging.getLogger("smtpguard")
@@ -160,6 +163,17 @@ class Connection:
                         action="reject",
                     ),
                 )
+            elif type(event) is PolicyAction:
+                log.info(
+                    "policy",
+                    extra=fields(
+                        conn=self.conn_id,
+                        client=self.peer,
+                        defence=event.defence.value,
+                        action=event.action,
+                        detail=event.detail,
+                    ),
+                )
         self.metrics.observe(events)
         self.summary.observe(events)
 
@@ -271,6 +285,8 @@ class Proxy:
             raise ValueError("no upstream address")
         self.upstream = upstream
         self._connect = connect or self._connect_tcp
+        self._connections: collections.Counter[str] = collections.Counter()
+        self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
 
     def reload(self, config: Config) -> None:
@@ -283,7 +299,9 @@ class Proxy:
         with trio.fail_after(self.config.timeouts.connect_seconds):
             return await trio.open_tcp_stream(self.upstream.host, self.upstream.port)
 
-    async def handle(self, client: trio.abc.Stream, peer: str = "-") -> None:
+    async def handle(
+        self, client: trio.abc.Stream, peer: str = "-", client_host: str = "-"
+    ) -> None:
         """Serve one client until its session ends.  Never raises (but Cancelled)."""
         conn_id = next(_ids)
         metrics = self.metrics
@@ -293,7 +311,11 @@ class Proxy:
         conn: Connection | None = None
         opened = trio.current_time()
         log.debug("connect", extra=fields(conn=conn_id, client=peer))
+        self._connections[client_host] += 1
+        self._total_connections += 1
         try:
+            if not await self._admit(client, session, client_host, conn_id, peer):
+                return
             try:
                 upstream = await self._connect()
             except (OSError, trio.TooSlowError) as exc:
@@ -315,6 +337,10 @@ class Proxy:
         except Exception:
             log.exception("internal error", extra=fields(conn=conn_id, client=peer))
         finally:
+            self._connections[client_host] -= 1
+            if not self._connections[client_host]:
+                del self._connections[client_host]
+            self._total_connections -= 1
             reason = session.close_reason or "internal_error"
             metrics.session_closed(reason)
             with trio.CancelScope(shield=True):
@@ -326,6 +352,51 @@ class Proxy:
                 summary["bytes_out"] = conn.bytes_to_client
             summary["duration_seconds"] = round(trio.current_time() - opened, 3)
             log.info("disconnect", extra=fields(**summary))
+
+    async def _admit(
+        self, client: trio.abc.Stream, session: Session, host: str, conn_id: int, peer: str
+    ) -> bool:
+        """Connection limits and greet_wait, before the upstream is bothered."""
+        config = self.config
+        over = (
+            self._total_connections > config.max_connections
+            or self._connections[host] > config.max_connections_per_client
+        )
+        if over:
+            action = "observe" if config.connections_observe else "reject"
+            self.metrics.policy_actions.labels(Defence.CONNECTIONS.value, action).inc()
+            log.warning(
+                "policy",
+                extra=fields(conn=conn_id, client=peer, defence="connections", action=action),
+            )
+            if action == "reject":
+                session.refuse(TOO_MANY_CONNECTIONS)
+                await self._answer_and_close(client, session)
+                return False
+        if config.greet_wait_seconds > 0:
+            early: bytes | bytearray = b""
+            with trio.move_on_after(config.greet_wait_seconds):
+                try:
+                    early = await client.receive_some(READ_BYTES)
+                except (trio.BrokenResourceError, OSError):
+                    session.abort("client_closed")
+                    return False
+                if not early:
+                    session.abort("client_closed")
+                    return False
+            if early:
+                session.receive_client(early)
+                if session.closed:  # early_talk: disconnect
+                    await self._answer_and_close(client, session)
+                    return False
+        return True
+
+    async def _answer_and_close(self, client: trio.abc.Stream, session: Session) -> None:
+        events = session.take_events()
+        self.metrics.observe(events)
+        with trio.move_on_after(10):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await client.send_all(session.take_client_bytes())
 
     async def serve(
         self,
@@ -360,8 +431,8 @@ class Proxy:
             host, port = stream.socket.getpeername()[:2]
             peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError:
-            peer = "-"
-        await self.handle(stream, peer)
+            host, peer = "-", "-"
+        await self.handle(stream, peer, host)
 
 
 def _sockname(listener: trio.SocketListener) -> str:

@@ -361,6 +361,10 @@ class Session:
             return False
         return action == "observe"
 
+    def refuse(self, reply: R.Reply) -> None:
+        """Turn the client away before any upstream exists (limits): ``reply`` and close."""
+        self._fail(reply, "policy")
+
     def upstream_refused(self) -> None:
         """The upstream could not be reached: 421 and close."""
         self._fail(R.UPSTREAM_UNAVAILABLE, "upstream_refused")
