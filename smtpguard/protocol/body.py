@@ -59,6 +59,12 @@ class BodyFilter:
             stop = end if end >= 0 else len(buf)
             if end < 0 and stop and buf[stop - 1] == 13:
                 stop -= 1  # a CR at the end may start a CRLF: judge it with the next byte
+            if end < 0:
+                # A lone dot starting the last line waits for its line break:
+                # only that tells an end look-alike from content.
+                start = buf.rfind(b"\n", 0, stop) + 1
+                if buf[start:stop] == b"." and (start or self._tail.endswith(b"\n")):
+                    stop = start
             seg = bytes(buf[:stop])
             crlf = seg.count(b"\r\n")
             if seg.count(b"\n") == crlf and seg.count(b"\r") == crlf and b"\0" not in seg:
