@@ -146,11 +146,11 @@ def test_data_body_streams_and_only_crlf_dot_crlf_ends_it() -> None:
     p.client(b"DATA\r\n")
     assert p.upstream(b"354 go\r\n")[1] == b"354 go\r\n"
     body = b"Subject: x\r\n\r\n..stuffed\r\nRCPT TO:<evil@x>\r\n. \r\n\xff\x01 bin\r\n.\r"
-    # The last CR waits: only the next byte tells whether it starts a CRLF.
-    assert p.client(body) == (body[:-1], b"")
+    # The last ".<CR>" waits: only the next byte tells an end from content.
+    assert p.client(body) == (body[:-2], b"")
     assert p.s.in_body
     up, down = p.client(b"\nQUIT\r\n")
-    assert up == b"\r\nQUIT\r\n"  # the dot ends the body; QUIT pipelines after it
+    assert up == b".\r\nQUIT\r\n"  # the dot ends the body; QUIT pipelines after it
     assert not p.s.in_body
     p.upstream(b"250 2.0.0 queued\r\n")
     done = [e for e in p.s.take_events() if isinstance(e, MessageDone)]
@@ -196,7 +196,7 @@ def test_client_eof_mid_data_never_completes_message() -> None:
     p.s.client_eof()
     assert p.s.closed and p.s.close_reason == "client_closed"
     assert p.s.take_upstream_bytes() == b""
-    assert MessageDone("aborted", 15) in p.s.take_events()
+    assert MessageDone("aborted", 14) in p.s.take_events()  # the lone dot was held back
 
 
 def test_client_half_close_still_gets_replies() -> None:
