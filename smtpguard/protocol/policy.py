@@ -87,7 +87,7 @@ class Policy:
 
 #: RFC 2920 3.1 (and RFC 3207, RFC 4954): commands that must end a group.
 GROUP_ENDERS = frozenset(
-    {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH"}
+    {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH", "AUTH_RESPONSE"}
 )
 
 #: Words that mark a client that does not speak SMTP at all.

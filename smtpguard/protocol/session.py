@@ -185,6 +185,7 @@ class Session:
         self._unknown = 0
         self._errors = 0
         self._early_reported = False
+        self._sync_reported: _Slot | None = None
         self._bdat_tail = b""
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
@@ -267,6 +268,10 @@ class Session:
             return
         if self.state.phase is Phase.GREETING and not self._early_talk():
             return
+        if self._slots and self._sent_ahead(data) and self.options.policy.pipelining != "observe":
+            # Bytes that arrived too early: answer what is owed, then end.
+            self._end_after_replies(P.SYNC_ERROR)
+            return
         self._client_buf += data
         self._process_client()
         self._maybe_finish()
@@ -312,7 +317,10 @@ class Session:
             if reply is not None:
                 self._to_client += reply.render(True, hostname=self.options.hostname)
                 self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
-            self.abort(reason)
+            if self.in_transaction_content:
+                self.abort(reason)
+            else:
+                self.close_reason = reason
         elif self._client_done:
             self.abort("client_closed")
 
@@ -507,7 +515,7 @@ class Session:
 
     def _process_client(self) -> None:
         buf = self._client_buf
-        while not self.closed:
+        while not self.closed and self._final is None:
             if self._held is not None:
                 if not self._decide(*self._held):
                     return
@@ -586,18 +594,34 @@ class Session:
         self._local(Verb.UNKNOWN, P.BARE_NEWLINE_COMMAND)
         return False
 
+    def _sent_ahead(self, data: bytes | bytearray) -> bool:
+        """RFC 2920 3.1: are ``data`` sent before a reply they had to wait for?
+
+        Checked when bytes arrive (a later packet) and when a line is parsed
+        (the same packet); one violation is reported once per owed reply.
+        """
+        if data[:4].upper() == b"QUIT":
+            return False  # tolerated after anything (common client behaviour)
+        blocker = None
+        for slot in self._slots:
+            if slot.step is Verb.GREETING:
+                continue
+            if not self._client_pipelining or slot.step.value in P.GROUP_ENDERS:
+                blocker = slot
+                break
+        if blocker is None:
+            return False
+        if self._sync_reported is not blocker:
+            self._sync_reported = blocker
+            action = self.options.policy.pipelining
+            self._policy(Defence.PIPELINING, action, "command sent before the reply it depends on")
+        return True
+
     def _in_sync(self, line: bytes) -> bool:
-        """RFC 2920 3.1: may the client send ``line`` while replies are owed?"""
-        word = line.split(b" ", 1)[0].upper()
-        if word == b"QUIT":
-            return True  # tolerated after anything (common client behaviour)
-        owed = [s for s in self._slots if s.step is not Verb.GREETING]
-        if not owed:
-            return True
-        if self._client_pipelining and not any(s.step.value in P.GROUP_ENDERS for s in owed):
+        """A parsed line: False if the pipelining policy refuses it."""
+        if not self._sent_ahead(line):
             return True
         action = self.options.policy.pipelining
-        self._policy(Defence.PIPELINING, action, "command sent before the reply it depends on")
         if action == "observe":
             return True
         self._local(Verb.UNKNOWN, P.SYNC_ERROR)
@@ -639,11 +663,11 @@ class Session:
             ):
                 return
             self._unknown += 1
-            if self._unknown == self.options.policy.max_unknown_commands + 1:
-                if self._limit_action(Defence.UNKNOWN_COMMANDS, "unknown commands"):
-                    self._end_after_replies(P.TOO_MANY_ERRORS)
         if not self._decide(verb, line):
             self._held = (verb, line)
+        if verb is Verb.UNKNOWN and self._unknown == self.options.policy.max_unknown_commands + 1:
+            if self._limit_action(Defence.UNKNOWN_COMMANDS, "unknown commands"):
+                self._end_after_replies(P.TOO_MANY_ERRORS)
 
     def _decide(self, verb: Verb, line: bytes) -> bool:
         """Answer, forward or reject ``line``; False means hold it for a reply."""
@@ -715,9 +739,9 @@ class Session:
 
     def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
         self._events.append(LocalReply(verb, reply.code))
+        self._queue(_Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
         if reply.code >= 400 and reply.code != 421:
             self._count_error()
-        self._queue(_Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
 
     def _queue(self, slot: _Slot) -> None:
         self._replies_queued += 1
