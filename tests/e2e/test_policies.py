@@ -236,7 +236,9 @@ def test_smuggling_through_guard_delivers_only_the_first_message(
     tag = unique()
     offset = legacy_postfix.log_offset()
     answered = smuggle(guard.port, tag, variant)
-    assert re.fullmatch(rb"250 2\.0\.0 Ok: queued as \w+\r\n221 2\.0\.0 Bye\r\n", answered), answered
+    assert re.fullmatch(rb"250 2\.0\.0 Ok: queued as \w+\r\n221 2\.0\.0 Bye\r\n", answered), (
+        answered
+    )
     counts = settled(legacy_postfix, offset)
     assert counts == {
         "ehlo": "1",
@@ -496,7 +498,9 @@ def test_early_talk_disconnect_never_contacts_postfix(
     offset = postfix.log_offset()
     with early_client(guard) as client:
         data = read_all(client)
-    assert data == f"521 5.5.1 {HOST} Error: protocol error: talked before the greeting\r\n".encode()
+    assert (
+        data == f"521 5.5.1 {HOST} Error: protocol error: talked before the greeting\r\n".encode()
+    )
     # A patient client afterwards is served; only its connection reached Postfix.
     with RawClient(guard.port) as client:
         assert client.reply().startswith(b"220 ")
@@ -789,7 +793,9 @@ def test_observe_mode_counts_and_forwards(guard_for: GuardFor, postfix: Postfix)
     ]
     observed = {d: Counter(guard, d, "observe") for d in defences}
     enforced = {
-        (d, a): Counter(guard, d, a) for d in defences for a in ("reject", "disconnect", "normalize")
+        (d, a): Counter(guard, d, a)
+        for d in defences
+        for a in ("reject", "disconnect", "normalize")
     }
     tag = unique()
     offset = postfix.log_offset()
@@ -857,7 +863,9 @@ def test_bdat_bare_lf_rejected(guard_for: GuardFor, legacy_postfix: Postfix) -> 
     counter = Counter(guard, "smuggling", "reject")
     tag = unique()
     offset = legacy_postfix.log_offset()
-    assert bdat_session(guard, tag, closes=True) == b"550 5.5.2 Error: bare <CR> or <LF> received\r\n"
+    assert (
+        bdat_session(guard, tag, closes=True) == b"550 5.5.2 Error: bare <CR> or <LF> received\r\n"
+    )
     counts = settled(legacy_postfix, offset)
     assert "quit" not in counts, counts
     assert tagged(legacy_postfix, tag) == []
