@@ -7,8 +7,10 @@ sees raw YAML.
 
 from __future__ import annotations
 
+import ipaddress
 import pathlib
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,31 @@ class Address:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening address and how clients arrive on it."""
+
+    address: Address
+    #: "none" (plaintext, STARTTLS if configured) or "implicit" (port 465 style).
+    tls: str = "none"
+    #: Require a PROXY v1/v2 header from a trusted load balancer.
+    proxy_protocol: bool = False
+    #: Networks allowed to send a PROXY header (others are turned away).
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TLSSettings:
+    """TLS towards clients (STARTTLS and implicit TLS)."""
+
+    certificate: pathlib.Path
+    key: pathlib.Path
+    #: "TLSv1.2" or "TLSv1.3".
+    min_version: str = "TLSv1.2"
+    #: OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
+    ciphers: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +105,12 @@ class Config:
     max_connections_per_client: int = 50
     #: Connection limits only count (``policy.mode: observe``).
     connections_observe: bool = False
+    #: Every listener with its options (``listen`` holds their addresses).
+    listeners: tuple[Listener, ...] = ()
+    tls: TLSSettings | None = None
+    #: How the upstream learns the real client: "none", "proxy_v1",
+    #: "proxy_v2" or "xclient".
+    upstream_identity: str = "none"
 
 
 DEFAULT_HELP = (
@@ -115,6 +148,9 @@ _TOP_KEYS = {
     "log",
     "annotate",
     "policy",
+    "tls",
+    "auth",
+    "upstream_identity",
 }
 
 
@@ -189,6 +225,71 @@ def _lines(key: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _listener(key: str, value: object) -> Listener:
+    """``host:port``, or a mapping with ``address``, ``tls``, ``proxy_protocol``, ``trusted``."""
+    if not isinstance(value, Mapping):
+        return Listener(parse_address(key, value))
+    for k in value:
+        if k not in ("address", "tls", "proxy_protocol", "trusted"):
+            raise ConfigError(
+                f"{key}.{k}", "unknown key (known: address, proxy_protocol, tls, trusted)"
+            )
+    address = parse_address(f"{key}.address", value.get("address"))
+    tls = value.get("tls", "none")
+    if tls not in ("none", "implicit"):
+        raise ConfigError(f"{key}.tls", f"must be 'none' or 'implicit', got {tls!r}")
+    proxy = _bool(f"{key}.proxy_protocol", value.get("proxy_protocol", False))
+    trusted_raw = value.get("trusted", ["127.0.0.0/8", "::1/128"] if proxy else [])
+    if not isinstance(trusted_raw, list):
+        raise ConfigError(f"{key}.trusted", "must be a list of networks (CIDR)")
+    trusted = []
+    for i, net in enumerate(trusted_raw):
+        try:
+            trusted.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError:
+            raise ConfigError(f"{key}.trusted[{i}]", f"not a network: {net!r}") from None
+    return Listener(address, tls, proxy, tuple(trusted))
+
+
+def _tls(raw: Mapping[str, Any]) -> TLSSettings | None:
+    section = _section(raw, "tls", {"certificate", "key", "min_version", "ciphers"})
+    if not section:
+        return None
+    paths = {}
+    for name in ("certificate", "key"):
+        value = section.get(name)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"tls.{name}", "must be the path of a PEM file")
+        path = pathlib.Path(value)
+        if not path.is_file():
+            raise ConfigError(f"tls.{name}", f"no such file: {value}")
+        paths[name] = path
+    min_version = section.get("min_version", "TLSv1.2")
+    if min_version not in ("TLSv1.2", "TLSv1.3"):
+        raise ConfigError("tls.min_version", f"must be TLSv1.2 or TLSv1.3, got {min_version!r}")
+    ciphers = section.get("ciphers")
+    if ciphers is not None and (not isinstance(ciphers, str) or not ciphers):
+        raise ConfigError("tls.ciphers", "must be an OpenSSL cipher string")
+    settings = TLSSettings(paths["certificate"], paths["key"], min_version, ciphers)
+    try:
+        server_context(settings)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError("tls", f"cannot load certificate and key: {exc}") from None
+    return settings
+
+
+def server_context(settings: TLSSettings) -> ssl.SSLContext:
+    """The server-side context for client TLS: TLS 1.2+ unless configured higher."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if settings.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    if settings.ciphers:
+        ctx.set_ciphers(settings.ciphers)
+    ctx.load_cert_chain(str(settings.certificate), str(settings.key))
+    return ctx
+
+
 def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, float]:
     """``policy:`` and the limits it enforces; ``mode: observe`` turns every action to observe."""
     section = _section(raw, "policy", {"mode", "greet_wait_seconds", *(d.value for d in ALLOWED)})
@@ -244,10 +345,21 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     items = listen_raw if isinstance(listen_raw, list) else [listen_raw]
     if not items:
         raise ConfigError("listen", "needs at least one address")
-    listen = tuple(
-        parse_address(f"listen[{i}]" if isinstance(listen_raw, list) else "listen", v)
+    listeners = tuple(
+        _listener(f"listen[{i}]" if isinstance(listen_raw, list) else "listen", v)
         for i, v in enumerate(items)
     )
+    listen = tuple(listener.address for listener in listeners)
+    tls = _tls(raw)
+    if tls is None and any(listener.tls == "implicit" for listener in listeners):
+        raise ConfigError("tls", "an implicit TLS listener needs tls.certificate and tls.key")
+    auth = _section(raw, "auth", {"require_tls"})
+    auth_require_tls = _bool("auth.require_tls", auth.get("require_tls", True))
+    identity = raw.get("upstream_identity", "none")
+    if identity not in ("none", "proxy_v1", "proxy_v2", "xclient"):
+        raise ConfigError(
+            "upstream_identity", f"must be none, proxy_v1, proxy_v2 or xclient, got {identity!r}"
+        )
 
     upstream = None
     if raw.get("upstream") is not None:
@@ -344,6 +456,8 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         raise ConfigError("annotate.header", f"must be a header field name, got {header!r}")
 
     session = SessionOptions(
+        tls_offered=tls is not None,
+        auth_require_tls=auth_require_tls,
         policy=policy,
         annotate=annotate_mode,
         annotate_header=header,
@@ -377,6 +491,9 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         max_connections=max_connections,
         max_connections_per_client=max_per_client,
         connections_observe=policy.observe_limits,
+        listeners=listeners,
+        tls=tls,
+        upstream_identity=identity,
     )
 
 

@@ -35,7 +35,21 @@ from .protocol.session import (
 )
 
 #: Codes smtpguard can answer with on its own.
-LOCAL_CODES = ("214", "421", "500", "501", "502", "503")
+LOCAL_CODES = (
+    "214",
+    "220",
+    "421",
+    "452",
+    "500",
+    "501",
+    "502",
+    "503",
+    "521",
+    "538",
+    "550",
+    "552",
+    "554",
+)
 #: Why a session ended (see ``Session.close_reason``).
 CLOSE_REASONS = (
     "quit",

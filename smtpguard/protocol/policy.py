@@ -44,6 +44,11 @@ class Defence(enum.Enum):
     ERROR_LIMIT = "error_limit"
     #: Too many connections (per client address or in all).
     CONNECTIONS = "connections"
+    #: Plaintext sent after STARTTLS, before the TLS handshake (CVE-2011-0411).
+    STARTTLS_INJECTION = "starttls_injection"
+    #: A listener that requires a PROXY header got none, a bad one, or one
+    #: from an untrusted address.
+    PROXY_PROTOCOL = "proxy_protocol"
 
 
 ACTIONS = ("observe", "reject", "disconnect", "normalize")

@@ -38,6 +38,12 @@ BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
 BAD_BDAT = Reply(501, "5.5.4", "Error: syntax: BDAT chunk-size [LAST]")
 #: STARTTLS while smtpguard has no TLS configured (Postfix says the same).
 STARTTLS_UNAVAILABLE = Reply(502, "5.5.1", "Error: command not implemented")
+#: STARTTLS accepted: the TLS handshake follows (RFC 3207).
+STARTTLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+#: STARTTLS inside TLS (Postfix's text).
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+#: AUTH on a plaintext session when TLS is required (RFC 4954 6, Postfix's text).
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 #: The upstream could not be reached.
 UPSTREAM_UNAVAILABLE = Reply(421, "4.3.0", "{hostname} Service not available, try again later")
 #: The upstream went away or broke the protocol mid-session.

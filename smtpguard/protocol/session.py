@@ -92,6 +92,12 @@ class SessionOptions:
     annotate_header: str = "X-SMTPGuard"
     #: Protection policies: actions per defence and limits.
     policy: Policy = field(default_factory=Policy)
+    #: smtpguard terminates STARTTLS itself (a certificate is configured).
+    tls_offered: bool = False
+    #: The session is encrypted from the start (implicit TLS listener).
+    implicit_tls: bool = False
+    #: Postfix's smtpd_tls_auth_only: no AUTH on a plaintext session.
+    auth_require_tls: bool = True
 
 
 # Events for the metrics and logs layer.  Small tuples: they are made on
@@ -151,7 +157,7 @@ class Session:
 
     def __init__(self, options: SessionOptions | None = None) -> None:
         self.options = options or SessionOptions()
-        self.state = State(Phase.GREETING)
+        self.state = State(Phase.GREETING, tls=self.options.implicit_tls)
         self._client_buf = bytearray()
         self._to_client = bytearray()
         self._to_upstream = bytearray()
@@ -186,6 +192,7 @@ class Session:
         self._errors = 0
         self._early_reported = False
         self._sync_reported: _Slot | None = None
+        self._tls_pending = False  # STARTTLS answered: waiting for the handshake
         self._bdat_tail = b""
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
@@ -265,6 +272,9 @@ class Session:
     def receive_client(self, data: bytes | bytearray) -> None:
         """Bytes from the client."""
         if self.closed or self._client_done:
+            return
+        if self._tls_pending:
+            self._injection("plaintext after STARTTLS, before the TLS handshake")
             return
         if self.state.phase is Phase.GREETING and not self._early_talk():
             return
@@ -369,6 +379,18 @@ class Session:
             return False
         return action == "observe"
 
+    @property
+    def tls_pending(self) -> bool:
+        """STARTTLS was answered with 220: the I/O layer must now run the handshake."""
+        return self._tls_pending
+
+    def tls_started(self) -> None:
+        """The TLS handshake with the client completed; read commands again."""
+        self._tls_pending = False
+
+    def _injection(self, detail: str) -> None:
+        self._policy(Defence.STARTTLS_INJECTION, "reject", detail)
+
     def refuse(self, reply: R.Reply) -> None:
         """Turn the client away before any upstream exists (limits): ``reply`` and close."""
         self._fail(reply, "policy")
@@ -467,6 +489,8 @@ class Session:
         kept: list[bytes] = [lines[0][4:]]
         keywords: set[bytes] = set()
         discard = {k.encode() for k in opts.discard_keywords} | ALWAYS_DISCARDED
+        if opts.auth_require_tls and not self.state.tls:
+            discard |= {b"AUTH", b"AUTH=LOGIN", b"AUTH=PLAIN"}
         if not opts.chunking:
             discard.add(b"CHUNKING")
         if not opts.offer_pipelining:
@@ -481,6 +505,8 @@ class Session:
         self._upstream_pipelining = b"PIPELINING" in keywords and opts.upstream_pipelining
         if opts.offer_pipelining and b"PIPELINING" not in keywords:
             kept.append(b"PIPELINING\r\n")
+        if opts.tls_offered and not self.state.tls:
+            kept.append(b"STARTTLS\r\n")
         self._client_pipelining = opts.offer_pipelining
         limit = opts.policy.max_message_bytes
         if limit:
@@ -515,7 +541,7 @@ class Session:
 
     def _process_client(self) -> None:
         buf = self._client_buf
-        while not self.closed and self._final is None:
+        while not self.closed and self._final is None and not self._tls_pending:
             if self._held is not None:
                 if not self._decide(*self._held):
                     return
@@ -702,7 +728,9 @@ class Session:
             self._help(line)
             return True
         if verb is Verb.STARTTLS:
-            self._local(verb, R.STARTTLS_UNAVAILABLE)
+            return self._starttls()
+        if verb is Verb.AUTH and self.options.auth_require_tls and not self.state.tls:
+            self._local(verb, R.AUTH_NEEDS_TLS)
             return True
         if self._inflight and not self._upstream_pipelining:
             return False  # the upstream takes one command at a time
@@ -712,6 +740,31 @@ class Session:
         elif verb is Verb.RCPT:
             self._rcpts += 1
         self._forward(verb, verb, line)
+        return True
+
+    def _starttls(self) -> bool:
+        """STARTTLS is smtpguard's own (RFC 3207); False: hold until replies are in."""
+        if self.state.tls:
+            self._local(Verb.STARTTLS, R.TLS_ALREADY_ACTIVE)
+            return True
+        if not self.options.tls_offered:
+            self._local(Verb.STARTTLS, R.STARTTLS_UNAVAILABLE)
+            return True
+        if self._inflight:
+            return False
+        if self._client_buf:
+            # Commands pipelined behind STARTTLS in plaintext would run as if
+            # they came over TLS (CVE-2011-0411): drop them.
+            self._injection("plaintext pipelined after STARTTLS")
+            self._client_buf.clear()
+        self._local(Verb.STARTTLS, R.STARTTLS_READY)
+        # RFC 3207 4.2: forget what the client said before; a new EHLO is due.
+        # The upstream's own session is untouched (it never sees STARTTLS).
+        self.state = transition(self.state, Verb.STARTTLS, 2)
+        self._recompute_possible()
+        self._enhanced = False
+        self._client_pipelining = False
+        self._tls_pending = True
         return True
 
     def _mail_size_ok(self, line: bytes) -> bool:

@@ -29,9 +29,7 @@ def ready(**policy: object) -> Session:
 
 
 def actions(s: Session) -> list[tuple[str, str]]:
-    return [
-        (e.defence.value, e.action) for e in s.take_events() if isinstance(e, PolicyAction)
-    ]
+    return [(e.defence.value, e.action) for e in s.take_events() if isinstance(e, PolicyAction)]
 
 
 def in_data(s: Session) -> None:

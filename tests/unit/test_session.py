@@ -323,7 +323,7 @@ def test_data_after_bdat_and_rejected_bdat_chunk_is_discarded() -> None:
 
 
 def test_auth_exchange_is_relayed_and_sequenced() -> None:
-    p = Peer()
+    p = Peer(auth_require_tls=False)
     p.ready()
     up, _ = p.client(b"AUTH LOGIN\r\nbm9ib2R5\r\n")
     assert up == b"AUTH LOGIN\r\n"  # the response waits for the 334
@@ -339,7 +339,7 @@ def test_auth_exchange_is_relayed_and_sequenced() -> None:
 
 
 def test_auth_before_ehlo_and_in_transaction() -> None:
-    p = Peer()
+    p = Peer(auth_require_tls=False)
     p.upstream(b"220 up\r\n")
     assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == b"503 Error: send HELO/EHLO first\r\n"
     p.client(b"EHLO c\r\n")

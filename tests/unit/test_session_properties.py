@@ -232,7 +232,7 @@ def test_random_sessions_keep_order_and_never_send_out_of_sequence(
     case: tuple[list[str], bool, bool, st.DrawFn],
 ) -> None:
     kinds, upstream_pipelining, help_local, draw = case
-    session = Session(SessionOptions(help_local=help_local))
+    session = Session(SessionOptions(help_local=help_local, auth_require_tls=False))
     upstream = ModelUpstream(draw, upstream_pipelining)
     lines = [command_line(k, i) for i, k in enumerate(kinds)] + [b"QUIT"]
     expected: list[bytes] = [b"GREETING"]  # what each reply answers, in order

@@ -1,0 +1,147 @@
+"""STARTTLS terminated by smtpguard, STARTTLS injection, and AUTH sequencing (core)."""
+
+from __future__ import annotations
+
+from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.policy import Defence
+from smtpguard.protocol.session import PolicyAction
+
+EHLO = (
+    b"250-up\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n"
+    b"250-AUTH=PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES\r\n"
+)
+
+
+def greeted(**options: object) -> Session:
+    s = Session(SessionOptions(tls_offered=True, **options))  # type: ignore[arg-type]
+    s.receive_upstream(b"220 up\r\n")
+    s.take_client_bytes()
+    return s
+
+
+def ehlo(s: Session, name: bytes = b"c") -> bytes:
+    s.receive_client(b"EHLO " + name + b"\r\n")
+    assert s.take_upstream_bytes() == b"EHLO " + name + b"\r\n"
+    s.receive_upstream(EHLO)
+    return s.take_client_bytes()
+
+
+def injections(s: Session) -> int:
+    return sum(
+        1
+        for e in s.take_events()
+        if isinstance(e, PolicyAction) and e.defence is Defence.STARTTLS_INJECTION
+    )
+
+
+def test_ehlo_offers_our_starttls_and_hides_auth_on_plaintext() -> None:
+    s = greeted()
+    reply = ehlo(s)
+    assert reply == (b"250-up\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 STARTTLS\r\n")
+
+
+def test_starttls_then_a_new_ehlo_is_needed_and_auth_is_offered() -> None:
+    s = greeted()
+    ehlo(s)
+    s.receive_client(b"STARTTLS\r\n")
+    assert s.take_upstream_bytes() == b""  # the upstream never sees STARTTLS
+    assert s.take_client_bytes() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert s.tls_pending
+    s.tls_started()
+    s.receive_client(b"MAIL FROM:<a@b>\r\n")
+    assert s.take_upstream_bytes() == b""
+    assert s.take_client_bytes() == b"503 Error: send HELO/EHLO first\r\n"
+    reply = ehlo(s, b"again")
+    assert b"STARTTLS" not in reply
+    assert b"250-AUTH PLAIN LOGIN\r\n" in reply and b"AUTH=PLAIN" in reply
+    s.receive_client(b"STARTTLS\r\n")
+    assert s.take_client_bytes() == b"554 5.5.1 Error: TLS already active\r\n"
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded() -> None:
+    s = greeted()
+    ehlo(s)
+    s.take_events()
+    s.receive_client(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@x>\r\n")
+    assert s.take_client_bytes() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert s.take_upstream_bytes() == b""
+    assert injections(s) == 1
+    # Bytes arriving before the handshake are plaintext too: dropped.
+    s.receive_client(b"RCPT TO:<x@y>\r\n")
+    assert s.take_upstream_bytes() == b"" and s.take_client_bytes() == b""
+    assert injections(s) == 1
+    s.tls_started()
+    s.receive_client(b"EHLO c\r\n")
+    assert s.take_upstream_bytes() == b"EHLO c\r\n"  # nothing injected went before it
+
+
+def test_starttls_waits_for_replies_in_flight() -> None:
+    s = greeted()
+    ehlo(s)
+    s.receive_client(b"NOOP\r\nSTARTTLS\r\n")
+    assert s.take_upstream_bytes() == b"NOOP\r\n"
+    assert not s.tls_pending
+    s.receive_upstream(b"250 ok\r\n")
+    assert s.take_client_bytes() == b"250 ok\r\n220 2.0.0 Ready to start TLS\r\n"
+    assert s.tls_pending
+
+
+def test_starttls_inside_a_transaction_and_without_tls_configured() -> None:
+    s = greeted()
+    ehlo(s)
+    s.receive_client(b"MAIL FROM:<a@b>\r\n")
+    s.receive_upstream(b"250 ok\r\n")
+    s.take_client_bytes()
+    s.receive_client(b"STARTTLS\r\n")
+    assert s.take_client_bytes() == b"503 5.5.1 Error: MAIL transaction in progress\r\n"
+    plain = Session(SessionOptions(tls_offered=False))
+    plain.receive_upstream(b"220 up\r\n")
+    plain.take_client_bytes()
+    plain.receive_client(b"STARTTLS\r\n")
+    assert plain.take_client_bytes() == b"502 Error: command not implemented\r\n"
+
+
+def test_auth_requires_tls_by_default() -> None:
+    s = greeted()
+    ehlo(s)
+    s.receive_client(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+    assert s.take_upstream_bytes() == b""
+    assert s.take_client_bytes() == (
+        b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+    )
+
+
+def test_auth_after_tls_is_relayed_and_sequenced() -> None:
+    s = greeted()
+    ehlo(s)
+    s.receive_client(b"STARTTLS\r\n")
+    s.tls_started()
+    ehlo(s)
+    s.take_client_bytes()
+    s.receive_client(b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n")
+    assert s.take_upstream_bytes() == b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"
+    s.receive_upstream(b"235 2.7.0 Authentication successful\r\n")
+    assert s.state.authenticated
+    s.receive_client(b"AUTH LOGIN\r\n")
+    assert s.take_client_bytes().endswith(b"503 5.5.1 Error: already authenticated\r\n")
+
+
+def test_implicit_tls_sessions_offer_auth_but_not_starttls() -> None:
+    s = greeted(implicit_tls=True)
+    reply = ehlo(s)
+    assert b"STARTTLS" not in reply and b"AUTH PLAIN LOGIN" in reply
+    s.receive_client(b"STARTTLS\r\n")
+    assert s.take_client_bytes() == b"554 5.5.1 Error: TLS already active\r\n"
+
+
+def test_sasl_cancel_is_relayed() -> None:
+    s = greeted(auth_require_tls=False)
+    ehlo(s)
+    s.receive_client(b"AUTH LOGIN\r\n*\r\n")
+    assert s.take_upstream_bytes() == b"AUTH LOGIN\r\n"
+    s.receive_upstream(b"334 VXNlcm5hbWU6\r\n")
+    assert s.take_upstream_bytes() == b"*\r\n"
+    s.receive_upstream(b"501 5.7.0 Authentication aborted\r\n")
+    assert s.take_client_bytes().endswith(b"501 5.7.0 Authentication aborted\r\n")
+    s.receive_client(b"MAIL FROM:<a@b>\r\n")
+    assert s.take_upstream_bytes() == b"MAIL FROM:<a@b>\r\n"
