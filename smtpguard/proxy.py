@@ -135,9 +135,30 @@ class Connection:
             finally:
                 self._client_lock.release()
         if session.closed:
-            self._nursery.cancel_scope.cancel()
+            await self._close()
             return
         self._rearm()
+
+    async def _close(self) -> None:
+        """The session is over: the last replies reach the client, then both sides close.
+
+        The other pump may be waiting for the client lock with the final
+        reply (a 221, a 421) still in the session: take the lock and send
+        whatever is left before cancelling anything.
+        """
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await _acquire(self._client_lock)
+            try:
+                data = self.session.take_client_bytes()
+                if data:
+                    self.bytes_to_client += len(data)
+                    with contextlib.suppress(
+                        trio.BrokenResourceError, trio.ClosedResourceError, OSError
+                    ):
+                        await self.client.send_all(data)
+            finally:
+                self._client_lock.release()
+        self._nursery.cancel_scope.cancel()
 
     def _observe(self) -> None:
         events = self.session.take_events()

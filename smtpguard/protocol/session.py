@@ -193,6 +193,7 @@ class Session:
         self._early_reported = False
         self._sync_reported: _Slot | None = None
         self._tls_pending = False  # STARTTLS answered: waiting for the handshake
+        self._size_reported = False  # the size limit was reported for this message
         self._bdat_tail = b""
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
@@ -737,6 +738,7 @@ class Session:
         if verb is Verb.MAIL:
             self._annotated = False
             self._rcpts = 0
+            self._size_reported = False
         elif verb is Verb.RCPT:
             self._rcpts += 1
         self._forward(verb, verb, line)
@@ -896,11 +898,11 @@ class Session:
 
     def _size_ok(self) -> bool:
         limit = self.options.policy.max_message_bytes
-        if limit and self._message_bytes > limit and self._message_bytes - limit <= 65536:
+        if limit and self._message_bytes > limit and not self._size_reported:
+            self._size_reported = True  # observe mode: report once per message
             if self._limit_action(Defence.MESSAGE_SIZE, "message above the limit"):
                 self._fail(P.MESSAGE_TOO_BIG, "policy")
                 return False
-            self._message_bytes += 65537  # report once
         return True
 
     def _smuggling_found(self, findings: set[str]) -> bool:

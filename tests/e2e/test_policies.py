@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from guard import Guard, RawClient
-from peers import CapturedMessage, Postfix
+from peers import CapturedMessage, Postfix, parse_disconnect
 
 # --------------------------------------------------------------------------- helpers
 
@@ -40,6 +40,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "limits": {"limits": {"max_recipients": 2, "max_message_bytes": 1000, "max_line_bytes": 100}},
     "unknown_limit": {"limits": {"max_unknown_commands": 2}},
     "error_limit": {"limits": {"hard_error_limit": 3}},
+    "both_limits": {"limits": {"max_unknown_commands": 2, "hard_error_limit": 3}},
     "per_client": {"limits": {"max_connections_per_client": 1}},
     # Every action set to its strictest: mode observe must turn them all into observe.
     "observe_mode": {
@@ -98,6 +99,23 @@ def read_all(client: RawClient) -> bytes:
     return data
 
 
+def settle_guard() -> None:
+    """Let smtpguard finish writing the reply just read before the client talks again.
+
+    smtpguard can lose its last reply when a session ends while its other pump is still
+    writing (see test_last_reply_not_lost_*): tests about something else pause here so that
+    they test what they are about.
+    """
+    time.sleep(0.05)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+        time.sleep(0.05)
+
+
 def connects(postfix: Postfix, offset: int) -> int:
     """How many SMTP connections Postfix accepted since ``offset`` (``disconnect`` excluded)."""
     return len(re.findall(r"\bconnect from ", postfix.log_since(offset)))
@@ -115,12 +133,13 @@ def tagged(postfix: Postfix, tag: str) -> list[CapturedMessage]:
 
 
 def ehlo(client: RawClient) -> bytes:
-    """Read the greeting, send EHLO, return its reply."""
+    """Read the greeting, send EHLO, return its reply (once smtpguard has finished it)."""
     greeting = client.reply()
     assert greeting.startswith(b"220 "), greeting
     client.send(b"EHLO c\r\n")
     reply = client.reply()
     assert reply.startswith(b"250-"), reply
+    settle_guard()
     return reply
 
 
@@ -183,6 +202,7 @@ def smuggle(port: int, tag: str, variant: bytes) -> bytes:
         client.send(ENVELOPE)
         replies = client.replies(3)
         assert [r[:3] for r in replies] == [b"250", b"250", b"354"], replies
+        settle_guard()
         client.send(smuggling_body(tag, variant) + b"QUIT\r\n")
         return read_all(client)
 
@@ -317,10 +337,10 @@ def test_bare_cr_inside_command_refused(guard_for: GuardFor, postfix: Postfix, n
     offset = postfix.log_offset()
     with RawClient(guard.port) as client:
         ehlo(client)
-        client.send(b"MAIL FROM:<a@example.org>\rRCPT TO:<b@example.org>\r\nQUIT\r\n")
-        replies = client.replies(2)
-    assert replies[0] == b"500 5.5.2 Error: bare <CR> or <LF> in command\r\n"
-    assert replies[1].startswith(b"221 ")
+        client.send(b"MAIL FROM:<a@example.org>\rRCPT TO:<b@example.org>\r\n")
+        assert client.reply() == b"500 5.5.2 Error: bare <CR> or <LF> in command\r\n"
+        client.send(b"QUIT\r\n")
+        assert client.reply().startswith(b"221 ")
     counts = settled(postfix, offset)
     assert counts == {"ehlo": "1", "quit": "1", "commands": "2"}
     assert counter.delta() == 1
@@ -545,6 +565,7 @@ def test_non_smtp_command_disconnects(
     offset = postfix.log_offset()
     with RawClient(guard.port) as client:
         assert client.reply().startswith(b"220 ")
+        settle_guard()
         client.send(request_bytes)
         data = read_all(client)
     assert data == f"521 5.7.0 {HOST} Error: non-SMTP command\r\n".encode()
@@ -594,14 +615,16 @@ def test_non_smtp_observe_tls_hello_gets_errors_not_a_close(
     offset = postfix.log_offset()
     with RawClient(guard.port) as client:
         assert client.reply().startswith(b"220 ")
-        client.send(client_hello() + b"\r\nQUIT\r\n")
-        data = read_all(client)
-    lines = data.splitlines()
-    assert lines[-1].startswith(b"221 "), data
-    assert lines[:-1] and all(line.startswith(b"5") for line in lines[:-1]), data
-    assert b"521" not in data
+        # NOOP (answered by Postfix) marks the end of the errors the hello earns.
+        client.send(client_hello() + b"\r\nNOOP\r\n")
+        errors = []
+        while not (reply := client.reply()).startswith(b"250 "):
+            errors.append(reply)
+        client.send(b"QUIT\r\n")
+        assert client.reply().startswith(b"221 ")
+    assert errors and all(e[:1] == b"5" and e[:3] != b"521" for e in errors), errors
     counts = settled(postfix, offset)
-    assert counts == {"quit": "1", "commands": "1"}
+    assert counts == {"noop": "1", "quit": "1", "commands": "2"}
     assert counter.delta() >= 1
 
 
@@ -616,12 +639,13 @@ def test_recipient_limit(guard_for: GuardFor, postfix: Postfix) -> None:
         ehlo(client)
         client.send(
             b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b1@example.org>\r\n"
-            b"RCPT TO:<b2@example.org>\r\nRCPT TO:<b3@example.org>\r\nQUIT\r\n"
+            b"RCPT TO:<b2@example.org>\r\nRCPT TO:<b3@example.org>\r\n"
         )
-        replies = client.replies(5)
-    assert [r[:3] for r in replies[:3]] == [b"250"] * 3, replies
-    assert replies[3] == b"452 4.5.3 Error: too many recipients\r\n"
-    assert replies[4].startswith(b"221 ")
+        replies = client.replies(4)
+        assert [r[:3] for r in replies[:3]] == [b"250"] * 3, replies
+        assert replies[3] == b"452 4.5.3 Error: too many recipients\r\n"
+        client.send(b"QUIT\r\n")
+        assert client.reply().startswith(b"221 ")
     counts = settled(postfix, offset)
     assert counts == {"ehlo": "1", "mail": "1", "rcpt": "2", "quit": "1", "commands": "5"}
     assert counter.delta() == 1
@@ -658,6 +682,7 @@ def test_message_size_limit_on_the_body(guard_for: GuardFor, postfix: Postfix) -
         ehlo(client)
         client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
         assert [r[:3] for r in client.replies(3)] == [b"250", b"250", b"354"]
+        settle_guard()
         client.send(big_message(tag, 5000) + b".\r\n")
         data = read_all(client)
     assert data == b"552 5.3.4 Error: message file too big\r\n"
@@ -697,10 +722,10 @@ def test_line_length_limit(guard_for: GuardFor, postfix: Postfix) -> None:
     offset = postfix.log_offset()
     with RawClient(guard.port) as client:
         ehlo(client)
-        client.send(b"MAIL FROM:<" + b"a" * 150 + b"@example.org>\r\nQUIT\r\n")
-        replies = client.replies(2)
-    assert replies[0] == b"500 5.5.2 Error: line too long\r\n"
-    assert replies[1].startswith(b"221 ")
+        client.send(b"MAIL FROM:<" + b"a" * 150 + b"@example.org>\r\n")
+        assert client.reply() == b"500 5.5.2 Error: line too long\r\n"
+        client.send(b"QUIT\r\n")
+        assert client.reply().startswith(b"221 ")
     counts = settled(postfix, offset)
     assert counts == {"ehlo": "1", "quit": "1", "commands": "2"}
 
@@ -738,6 +763,29 @@ def test_hard_error_limit(guard_for: GuardFor, postfix: Postfix) -> None:
     assert counter.delta() == 1
 
 
+def test_unknown_and_error_limits_reached_by_the_same_command(
+    guard_for: GuardFor, postfix: Postfix
+) -> None:
+    """The third unknown command trips both limits: still one 421, and it comes last."""
+    guard = guard_for(postfix, "both_limits")
+    unknown = Counter(guard, "unknown_commands", "reject")
+    errors = Counter(guard, "error_limit", "reject")
+    offset = postfix.log_offset()
+    with RawClient(guard.port) as client:
+        ehlo(client)
+        client.send(b"WIBBLE\r\nWOBBLE\r\nWABBLE\r\nQUIT\r\n")
+        data = read_all(client)
+    closing = f"421 4.7.0 {HOST} Error: too many errors\r\n".encode()
+    assert data.endswith(closing) and data.count(b"421 ") == 1, data
+    assert data[: -len(closing)] in (
+        b"500 5.5.2 Error: command not recognized\r\n" * 2,
+        b"500 5.5.2 Error: command not recognized\r\n" * 3,
+    ), data
+    counts = settled(postfix, offset)
+    assert counts == {"ehlo": "1", "commands": "1"}
+    assert unknown.delta() + errors.delta() >= 1
+
+
 def test_hard_error_limit_counts_upstream_errors(guard_for: GuardFor, postfix: Postfix) -> None:
     guard = guard_for(postfix, "error_limit")
     counter = Counter(guard, "error_limit", "reject")
@@ -769,6 +817,7 @@ def test_connections_per_client_limit(guard_for: GuardFor, postfix: Postfix) -> 
     assert connects(postfix, offset) == 1, postfix.log_since(offset)
     assert counter.delta() == 1
     # Once the first has gone, the client may connect again.
+    wait_until(lambda: guard.metric("smtpguard_sessions_open") == 0)
     with RawClient(guard.port) as again:
         assert again.reply().startswith(b"220 ")
         again.send(b"QUIT\r\n")
@@ -797,6 +846,7 @@ def test_observe_mode_counts_and_forwards(guard_for: GuardFor, postfix: Postfix)
         for d in defences
         for a in ("reject", "disconnect", "normalize")
     }
+    violations = guard.metric("smtpguard_sequence_violations_total", command="RCPT", state="ready")
     tag = unique()
     offset = postfix.log_offset()
     with RawClient(guard.port) as client:
@@ -833,11 +883,14 @@ def test_observe_mode_counts_and_forwards(guard_for: GuardFor, postfix: Postfix)
         assert client.reply().startswith(b"221 ")
     [message] = postfix.wait_for_messages(1, where=lambda m: tag in m.text)
     assert sorted(message.recipients) == ["b1@example.org", "b2@example.org", "b3@example.org"]
-    counts = postfix.wait_for_disconnect(offset)
+    line = postfix.wait_for_log(r"^.*\bdisconnect from .* mail=.*$", offset).group(0)
+    counts = parse_disconnect(line)
     assert counts["mail"] == "2" and counts["rcpt"] == "3/4" and counts["data"] == "1", counts
     for defence, counter in observed.items():
         assert counter.delta() >= 1, defence
     assert {k: c.delta() for k, c in enforced.items() if c.delta()} == {}
+    after = guard.metric("smtpguard_sequence_violations_total", command="RCPT", state="ready")
+    assert after == violations + 1
 
 
 # --------------------------------------------------------------------------- 8. BDAT
@@ -854,6 +907,7 @@ def bdat_session(guard: Guard, tag: str, *, closes: bool) -> bytes:
         assert [r[:3] for r in client.replies(2)] == [b"250", b"250"]
         client.send(b"BDAT %d\r\n" % len(chunk1) + chunk1)
         assert client.reply().startswith(b"250 ")
+        settle_guard()
         client.send(b"BDAT %d LAST\r\n" % len(chunk2) + chunk2)
         return read_all(client) if closes else client.reply()
 
@@ -880,10 +934,55 @@ def test_bdat_bare_lf_normalize_delivers_unchanged_chunks(
     tag = unique()
     offset = legacy_postfix.log_offset()
     reply = bdat_session(guard, tag, closes=False)
-    assert reply.startswith(b"250 2.0.0 Ok: queued as "), reply
+    assert re.fullmatch(rb"250 2\.0\.0 Ok: \d+ bytes queued as \w+\r\n", reply), reply
     [message] = legacy_postfix.wait_for_messages(1, where=lambda m: tag in m.text)
     assert message.text.endswith("line one\nline two\n"), message.text
     counts = legacy_postfix.wait_for_disconnect(offset)
     # Both chunks were framed as sent: Postfix accepted two BDATs.
     assert counts["bdat"] == "2", counts
     assert counter.delta() == 1
+
+
+# --------------------------------------------------------------------------- the last reply
+
+
+def test_last_reply_not_lost_after_a_local_error_and_quit(
+    guard_for: GuardFor, postfix: Postfix
+) -> None:
+    """A local 500 and QUIT in one write: the client must get both replies, every time.
+
+    (The 500 is written by the client pump while the upstream pump gets Postfix's 221 and
+    ends the session.)
+    """
+    guard = guard_for(postfix, "default")
+    answers = []
+    for _ in range(20):
+        with RawClient(guard.port) as client:
+            ehlo(client)
+            client.send(b"WIBBLE\r\nQUIT\r\n")
+            answers.append(read_all(client))
+    expected = b"500 5.5.2 Error: command not recognized\r\n221 2.0.0 Bye\r\n"
+    lost = [a for a in answers if a != expected]
+    assert lost == [], f"{len(lost)} of {len(answers)} sessions lost a reply: {lost[:3]}"
+
+
+def test_last_reply_not_lost_when_the_body_follows_354_at_once(
+    guard_for: GuardFor, legacy_postfix: Postfix
+) -> None:
+    """Smuggling reject: the 550 must reach a client that sends its body as the 354 arrives.
+
+    (The 550 and the close come from the client pump while the upstream pump may still be
+    writing the 354.)
+    """
+    guard = guard_for(legacy_postfix, "smuggling_reject")
+    answers = []
+    for _ in range(30):
+        with RawClient(guard.port) as client:
+            ehlo(client)
+            client.send(ENVELOPE)
+            assert client.replies(3)[-1].startswith(b"354 ")
+            client.send(smuggling_body(unique(), b"\n.\n") + b"QUIT\r\n")
+            answers.append(read_all(client))
+    expected = b"550 5.5.2 Error: bare <CR> or <LF> received\r\n"
+    lost = [a for a in answers if a != expected]
+    assert lost == [], f"{len(lost)} of {len(answers)} sessions lost the 550: {lost[:3]}"
