@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Run the whole smtpguard test suite: unit, trio-level and end-to-end tests
-# against real Postfix, swaks and Prometheus on loopback.
+# Install what the tests need, then run them: ./test.sh [pytest args...]
 #
-# Installs what is missing: Debian's postfix, swaks, prometheus and haproxy
-# (needs root and apt), and the Python package with its test dependencies.
-# Extra arguments go to pytest, e.g. ./test.sh -k smuggling
+# - the real peers of the end-to-end tests (Postfix, swaks, Prometheus, HAProxy) from apt,
+#   only when one of their programs is missing;
+# - this package with its test extras (pip, editable).
+# The exit status is pytest's.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-need=()
-for prog in /usr/sbin/postfix /usr/bin/swaks /usr/bin/prometheus /usr/bin/promtool /usr/sbin/haproxy /usr/sbin/smtp-sink /usr/bin/nc; do
-  [ -x "$prog" ] || need+=("$prog")
+APT_PACKAGES=(postfix swaks prometheus haproxy netcat-openbsd sasl2-bin libsasl2-modules
+    libsasl2-modules-db libnet-ssleay-perl)
+missing=()
+for package in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$package")
+    fi
 done
-if [ ${#need[@]} -gt 0 ]; then
-  echo "test.sh: installing Debian packages (missing: ${need[*]})"
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq postfix swaks prometheus haproxy netcat-openbsd >/dev/null
+if ((${#missing[@]})); then
+    echo "test.sh: installing ${APT_PACKAGES[*]} (missing: ${missing[*]})" >&2
+    sudo=()
+    if [ "$(id -u)" != 0 ]; then
+        sudo=(sudo)
+    fi
+    # No debconf dialog, and no system mail service: the tests start private instances.
+    echo "postfix postfix/main_mailer_type select No configuration" |
+        "${sudo[@]}" debconf-set-selections
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${APT_PACKAGES[@]}"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e '.[test]'
-exec python3 -m pytest -q -p no:cacheprovider "$@"
+PIP_ROOT_USER_ACTION=ignore python3 -m pip install -q -e '.[test]'
+
+exec python3 -m pytest -q "$@"

@@ -98,8 +98,11 @@ def _alive(pid: int) -> bool:
     return _proc_state(pid) not in (None, "Z", "X")
 
 
-def _pids_matching(pgid: int | None, environ_marker: bytes) -> list[int]:
-    """Live processes in process group ``pgid`` or whose environment holds ``environ_marker``."""
+def _pids_matching(
+    pgid: int | None, environ_marker: bytes, cmdline_marker: bytes | None = None
+) -> list[int]:
+    """Live processes in process group ``pgid``, whose environment holds ``environ_marker``, or
+    whose command line contains ``cmdline_marker``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -112,11 +115,54 @@ def _pids_matching(pgid: int | None, environ_marker: bytes) -> list[int]:
                 found.append(pid)
                 continue
             env = Path(f"/proc/{pid}/environ").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if cmdline_marker else b""
         except (OSError, ProcessLookupError):
             continue
-        if environ_marker in env.split(b"\0"):
+        if environ_marker in env.split(b"\0") or (cmdline_marker and cmdline_marker in cmdline):
             found.append(pid)
     return found
+
+
+_OWNER_FILE = "owner.pid"
+_TEMP_PREFIXES = ("smtpguard-postfix-", "smtpguard-prometheus-")
+
+
+def _make_base_dir(prefix: str) -> Path:
+    """A temp folder for one peer, tagged with our pid so that a later run can reap it."""
+    _reap_orphans()
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    (base / _OWNER_FILE).write_text(str(os.getpid()))
+    return base
+
+
+def _release_base_dir(base: Path) -> None:
+    if _keep_dirs():
+        (base / _OWNER_FILE).unlink(missing_ok=True)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _reap_orphans() -> None:
+    """Stop peers left behind by a test run that died without cleaning up (SIGKILL, timeout).
+
+    A peer's folder names the pid of the process that started it; if that process is gone,
+    kill what still runs from that folder (Postfix processes carry MAIL_CONFIG=<folder>/etc in
+    their environment, Prometheus has the folder on its command line) and remove it.
+    """
+    for prefix in _TEMP_PREFIXES:
+        for owner_file in Path(tempfile.gettempdir()).glob(f"{prefix}*/{_OWNER_FILE}"):
+            try:
+                owner = int(owner_file.read_text())
+            except (OSError, ValueError):
+                continue
+            if owner == os.getpid() or _alive(owner):
+                continue
+            base = owner_file.parent
+            marker = f"MAIL_CONFIG={base}/etc".encode()
+            for pid in _pids_matching(None, marker, f"{base}/".encode()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -328,6 +374,7 @@ class Postfix:
         self.base_dir = Path()
         self._master_pid: int | None = None
         self._started = False
+        self._cache: dict[str, CapturedMessage] = {}
 
     # -- paths
     @property
@@ -411,7 +458,7 @@ class Postfix:
         if not self.port:
             self.port = free_port(self.host)
 
-        self.base_dir = Path(tempfile.mkdtemp(prefix="smtpguard-postfix-"))
+        self.base_dir = _make_base_dir("smtpguard-postfix-")
         self.base_dir.chmod(0o755)  # nobody (the capture script) must reach captured/
         _live.add(self)
         self._started = True
@@ -498,8 +545,8 @@ class Postfix:
                 )
         finally:
             _live.discard(self)
-            if not _keep_dirs():
-                shutil.rmtree(self.base_dir, ignore_errors=True)
+            self._cache.clear()
+            _release_base_dir(self.base_dir)
 
     def __enter__(self) -> Postfix:
         return self.start()
@@ -553,7 +600,7 @@ class Postfix:
     def wait_for_log(
         self, pattern: str, since_offset: int = 0, timeout: float = 10
     ) -> re.Match[str]:
-        """First match of regex ``pattern`` (MULTILINE) in the log written after ``since_offset``."""
+        """First match of regex ``pattern`` (MULTILINE) in the log after ``since_offset``."""
         regex = re.compile(pattern, re.MULTILINE)
         deadline = time.monotonic() + timeout
         while True:
@@ -567,9 +614,15 @@ class Postfix:
                 )
             time.sleep(0.05)
 
-    def wait_for_disconnect(self, since_offset: int, timeout: float = 10) -> dict[str, str]:
-        """Counters of the first smtpd ``disconnect from`` line after ``since_offset``."""
-        match = self.wait_for_log(r"^.*\bdisconnect from .*$", since_offset, timeout)
+    def wait_for_disconnect(
+        self, since_offset: int, timeout: float = 10, client_port: int | None = None
+    ) -> dict[str, str]:
+        """Counters (see :func:`parse_disconnect`) of the first smtpd ``disconnect from`` line
+        after ``since_offset``; with ``client_port``, of that client's session only (the log
+        names the client as ``unknown[127.0.0.1]:PORT``)."""
+        port = rf":{client_port}" if client_port is not None else r"(?::\d+)?"
+        pattern = rf"^.*\bdisconnect from [^\s\[]*\[[^\]]*\]{port} .*$"
+        match = self.wait_for_log(pattern, since_offset, timeout)
         return parse_disconnect(match.group(0))
 
     # -- captured mail
@@ -582,8 +635,14 @@ class Postfix:
         if timeout is not None:
             self.wait_queue_empty(timeout)
         names = sorted(n for n in os.listdir(self.captured_dir) if n.endswith(".env"))
-        # ".NAME.env" is still being written: only "NAME.env" is complete.
-        return [_read_captured(self.captured_dir / n) for n in names if not n.startswith(".")]
+        found = []
+        for name in names:
+            if name.startswith("."):
+                continue  # ".NAME.env" is still being written: only "NAME.env" is complete
+            if name not in self._cache:
+                self._cache[name] = _read_captured(self.captured_dir / name)
+            found.append(self._cache[name])
+        return found
 
     def wait_for_messages(
         self,
@@ -609,6 +668,7 @@ class Postfix:
         """Delete everything captured so far."""
         for path in self.captured_dir.iterdir():
             path.unlink(missing_ok=True)
+        self._cache.clear()
 
 
 def _read_captured(env_path: Path) -> CapturedMessage:
@@ -664,6 +724,7 @@ class Prometheus:
         self.extra_args = list(extra_args)
         self.base_dir = Path()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started = False
 
     @property
     def url(self) -> str:
@@ -691,29 +752,30 @@ class Prometheus:
         }
 
     def start(self, timeout: float = 30) -> Prometheus:
-        if self._proc is not None:
+        if self._started:
             return self
         binary = find_program("prometheus")
         if not self.port:
             self.port = free_port(self.host)
-        self.base_dir = Path(tempfile.mkdtemp(prefix="smtpguard-prometheus-"))
-        config = self.base_dir / "prometheus.yml"
-        config.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
+        self.base_dir = _make_base_dir("smtpguard-prometheus-")
+        self._started = True
         _live.add(self)
-        with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                [
-                    binary,
-                    f"--config.file={config}",
-                    f"--storage.tsdb.path={self.base_dir / 'data'}",
-                    f"--web.listen-address={self.host}:{self.port}",
-                    *self.extra_args,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
         try:
+            config = self.base_dir / "prometheus.yml"
+            config.write_text(json.dumps(self.config(), indent=2))  # JSON is YAML
+            with self.log_path.open("wb") as log:
+                self._proc = subprocess.Popen(
+                    [
+                        binary,
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={self.base_dir / 'data'}",
+                        f"--web.listen-address={self.host}:{self.port}",
+                        *self.extra_args,
+                    ],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             deadline = time.monotonic() + timeout
             while not self._ready():
                 if self._proc.poll() is not None:
@@ -722,7 +784,7 @@ class Prometheus:
                     )
                 if time.monotonic() > deadline:
                     raise PeerError(f"prometheus not ready within {timeout}s:\n{_tail(self.log())}")
-                time.sleep(0.1)
+                time.sleep(0.05)
         except BaseException:
             self.stop()
             raise
@@ -742,18 +804,22 @@ class Prometheus:
             return ""
 
     def stop(self) -> None:
+        """Stop Prometheus (SIGTERM, then SIGKILL after 10 s) and remove its temp dir."""
+        if not self._started:
+            return
+        self._started = False
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
+        try:
+            if proc is not None and proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=10)
-            if not _keep_dirs():
-                shutil.rmtree(self.base_dir, ignore_errors=True)
-        _live.discard(self)
+        finally:
+            _live.discard(self)
+            _release_base_dir(self.base_dir)
 
     def __enter__(self) -> Prometheus:
         return self.start()

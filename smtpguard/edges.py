@@ -1,0 +1,141 @@
+"""The edges of a connection: PROXY headers in, TLS, and the client's identity out.
+
+These run before the SMTP session starts relaying (or, for STARTTLS, when
+the core asks for it); the SMTP rules stay in :mod:`smtpguard.protocol`.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from .protocol.framing import ReplyParser, UpstreamProtocolError
+from .protocol.proxyproto import (
+    ProxyHeaderError,
+    ProxyInfo,
+    build_proxy_v1,
+    build_proxy_v2,
+    build_xclient,
+    parse_proxy_header,
+)
+
+MAX_PREAMBLE_BYTES = 4096
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first yields bytes already read from it (after a PROXY header)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyInfo, bytes]:
+    """Read a PROXY v1/v2 header; return it and the bytes that followed it.
+
+    Raises :class:`ProxyHeaderError` for a missing or malformed header (and on
+    EOF); the caller bounds the time.
+    """
+    buf = bytearray()
+    while True:
+        parsed = parse_proxy_header(buf)
+        if parsed is not None:
+            info, used = parsed
+            return info, bytes(buf[used:])
+        if len(buf) > MAX_PREAMBLE_BYTES:
+            raise ProxyHeaderError("PROXY header too long")
+        chunk = await stream.receive_some(MAX_PREAMBLE_BYTES)
+        if not chunk:
+            raise ProxyHeaderError("connection closed before a PROXY header")
+        buf += chunk
+
+
+async def start_server_tls(
+    stream: trio.abc.Stream, context: ssl.SSLContext
+) -> trio.SSLStream[trio.abc.Stream]:
+    """TLS towards a client (implicit TLS or after STARTTLS); the caller bounds the time."""
+    tls = trio.SSLStream(stream, context, server_side=True)
+    await tls.do_handshake()
+    return tls
+
+
+def tls_summary(stream: trio.abc.Stream) -> dict[str, str]:
+    """Negotiated protocol and cipher, for the session log line."""
+    if not isinstance(stream, trio.SSLStream):
+        return {}
+    cipher = stream.cipher()
+    return {"tls_protocol": str(stream.version()), "tls_cipher": cipher[0] if cipher else "-"}
+
+
+async def send_identity(
+    upstream: trio.abc.Stream,
+    mode: str,
+    client: tuple[str, int] | None,
+    local: tuple[str, int] | None,
+) -> bytes:
+    """Tell the upstream who the real client is.
+
+    ``proxy_v1``/``proxy_v2``: a PROXY header before anything else.
+    ``xclient`` (Postfix XCLIENT_README): read the greeting, send XCLIENT
+    with the client's address and port; Postfix answers each with a fresh
+    220 greeting, the last of which is returned for the session to relay.
+    Returns the upstream bytes already read (to feed to the session), or
+    b"" when nothing was read.  Raises :class:`UpstreamProtocolError` if
+    the upstream refuses XCLIENT: without it the upstream would apply its
+    policy to smtpguard's address, which is what the operator asked not to do.
+    """
+    if mode == "none" or client is None:
+        return b""
+    host, port = client
+    dst_host, dst_port = local if local is not None else (None, None)
+    if mode == "proxy_v1":
+        await upstream.send_all(build_proxy_v1(host, port, dst_host, dst_port))
+        return b""
+    if mode == "proxy_v2":
+        await upstream.send_all(build_proxy_v2(host, port, dst_host, dst_port))
+        return b""
+    parser = ReplyParser()
+    greeting = await _one_reply(upstream, parser)
+    if greeting[:1] != b"2":
+        return greeting  # the session relays the upstream's refusal itself
+    last = greeting
+    for line in build_xclient(host, port):
+        await upstream.send_all(line)
+        last = await _one_reply(upstream, parser)
+        if last[:3] != b"220":
+            raise UpstreamProtocolError(f"XCLIENT refused: {last[:60]!r}")
+    return last
+
+
+async def _one_reply(stream: trio.abc.Stream, parser: ReplyParser) -> bytes:
+    while True:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise UpstreamProtocolError("upstream closed during the identity exchange")
+        replies = parser.feed(chunk)
+        if replies:
+            if len(replies) > 1 or parser.pending:
+                raise UpstreamProtocolError("unexpected bytes after a reply")
+            return replies[0].raw
