@@ -193,7 +193,8 @@ def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
     window = data[:MAX_V1_HEADER_BYTES]
     lf = window.find(b"\n")
     if lf < 0:
-        if len(window) >= MAX_V1_HEADER_BYTES:
+        # The CRLF must end by byte 107: a 106th byte that is not CR is too late.
+        if len(window) >= MAX_V1_HEADER_BYTES - 1 and window[MAX_V1_HEADER_BYTES - 2] != 0x0D:
             raise ProxyHeaderError("PROXY v1 line longer than 107 bytes")
         if b"\r" in window[:-1]:
             raise ProxyHeaderError("PROXY v1 line has a bare CR")
