@@ -23,7 +23,14 @@ from .logs import fields
 from .metrics import Metrics
 from .protocol.policy import TOO_MANY_CONNECTIONS, Defence
 from .protocol.rules import Verb
-from .protocol.session import Forwarded, PolicyAction, Session, UpstreamReplied, Violation
+from .protocol.session import (
+    Event,
+    Forwarded,
+    PolicyAction,
+    Session,
+    UpstreamReplied,
+    Violation,
+)
 from .summary import SessionSummary
 
 log = logging.getLogger("smtpguard")
@@ -42,11 +49,43 @@ def _reply_timeout(timeouts: Timeouts, step: Verb | None) -> float:
     return timeouts.command_reply_seconds
 
 
-async def _acquire(lock: trio.Lock) -> None:
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
+class _Turn:
+    """Whose turn it is to write to one stream: one writer at a time, in order.
+
+    A cheaper trio.Lock for the hot path: taking a free turn is one
+    attribute test and store, with no checkpoint, no task lookup and no
+    coroutine (``if turn.busy: await turn.take()`` then ``turn.busy = True``).
+    """
+
+    __slots__ = ("busy", "_free")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self._free: trio.Event | None = None
+
+    async def wait(self) -> None:
+        """Return once the turn is free (the caller then sets ``busy``)."""
+        while self.busy:
+            if self._free is None:
+                self._free = trio.Event()
+            await self._free.wait()
+
+    def release(self) -> None:
+        self.busy = False
+        if self._free is not None:
+            self._free.set()
+            self._free = None
+
+
+async def _acquire(turn: _Turn) -> None:
+    if turn.busy:
+        await turn.wait()
+    turn.busy = True
+
+
+_INF = float("inf")
+# What the deadline in force is for (see Connection._rearm).
+_UP, _BODY, _CMD = 0, 1, 2
 
 
 class Connection:
@@ -69,15 +108,26 @@ class Connection:
         self.metrics = metrics
         self.conn_id = conn_id
         self.peer = peer
-        self._client_lock = trio.Lock()
-        self._upstream_lock = trio.Lock()
+        self._client_lock = _Turn()
+        self._upstream_lock = _Turn()
         self._room = trio.Event()
-        self._deadline = trio.current_time() + timeouts.greeting_seconds
-        self._deadline_key: tuple[object, ...] = ("up", 0)
+        now = trio.current_time()
+        # The deadline in force and what it is for: (kind, progress counters).
+        self._deadline = now + timeouts.greeting_seconds
+        self._deadline_kind = _UP
+        self._deadline_a = 0
+        self._deadline_b = 0
+        # When the watchdog wakes: never after the deadline in force nor after
+        # the deadline of a reply being sent to the client.  It lags behind
+        # when those move later (most moves), so that moving them costs no
+        # cancel-scope update; the watchdog then sleeps again.
+        self._wake_at = self._deadline
         self._watch_scope: trio.CancelScope | None = None
+        self._send_timeout = timeouts.client_command_seconds
+        self._client_send_since: float | None = None
         self._client_reads = 0
         self._sent_at: deque[float] = deque()
-        self._opened_at = trio.current_time()
+        self._opened_at = now
         self.summary = SessionSummary()
         self.bytes_from_client = 0
         self.bytes_to_client = 0
@@ -97,43 +147,56 @@ class Connection:
                 await trio.aclose_forcefully(self.client)
 
     # Every path that changes the session ends here: one place writes,
-    # re-arms the deadline and closes.  Bytes are taken inside the lock so
-    # two pumps settling at once cannot reorder them; the lock is taken
-    # without a checkpoint when it is free (the common case: this is the hot
-    # path, run several times per message).
+    # re-arms the deadline and closes.  Bytes are taken inside the writer's
+    # turn so two pumps settling at once cannot reorder them; a free turn
+    # is taken without a checkpoint (the common case: this is the hot path,
+    # run twice per command).  A writer sends everything the session has
+    # for its stream, including what came while it was sending.
     async def _settle(self) -> None:
         session = self.session
-        self._observe()
+        events = session.take_events()
+        if events:
+            self._observe(events)
         if session.has_upstream_bytes:
-            await _acquire(self._upstream_lock)
+            turn = self._upstream_lock
+            if turn.busy:
+                await turn.wait()
+            turn.busy = True
             try:
-                data = session.take_upstream_bytes()
-                if data:
+                while session.has_upstream_bytes:
+                    data = session.take_upstream_bytes()
                     self.metrics.relayed_bytes("client_to_upstream", len(data))
                     try:
                         await self.upstream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         session.upstream_eof()
-                        self._observe()
+                        self._observe_pending()
             finally:
-                self._upstream_lock.release()
+                turn.release()
         if session.has_client_bytes:
-            await _acquire(self._client_lock)
+            turn = self._client_lock
+            if turn.busy:
+                await turn.wait()
+            turn.busy = True
             try:
-                data = session.take_client_bytes()
-                if data:
+                while session.has_client_bytes:
+                    data = session.take_client_bytes()
                     self.bytes_to_client += len(data)
                     self.metrics.relayed_bytes("upstream_to_client", len(data))
+                    # The send's deadline is kept by the watchdog (no cancel
+                    # scope per send): make sure it wakes in time for it.
+                    since = self._client_send_since = trio.current_time()
+                    if since + self._send_timeout < self._wake_at:
+                        self._wake(since + self._send_timeout)
                     try:
-                        with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
-                            await self.client.send_all(data)
-                        if scope.cancelled_caught:
-                            session.abort("client_timeout")
+                        await self.client.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         session.abort("client_closed")
-                    self._observe()
+                    finally:
+                        self._client_send_since = None
+                    self._observe_pending()
             finally:
-                self._client_lock.release()
+                turn.release()
         if session.closed:
             await self._close()
             return
@@ -160,18 +223,25 @@ class Connection:
                 self._client_lock.release()
         self._nursery.cancel_scope.cancel()
 
-    def _observe(self) -> None:
+    def _observe_pending(self) -> None:
         events = self.session.take_events()
-        now = trio.current_time()
+        if events:
+            self._observe(events)
+
+    def _observe(self, events: list[Event]) -> None:
+        now = -1.0
         for event in events:
             if type(event) is Forwarded:
+                if now < 0:
+                    now = trio.current_time()
                 self._sent_at.append(now)
             elif type(event) is UpstreamReplied:
-                start = self._opened_at if event.step is Verb.GREETING else None
-                if start is None and self._sent_at:
-                    start = self._sent_at.popleft()
-                if start is not None:
-                    self.metrics.reply_latency(event.step, now - start)
+                if now < 0:
+                    now = trio.current_time()
+                if event.step is Verb.GREETING:
+                    self.metrics.reply_latency(event.step, now - self._opened_at)
+                elif self._sent_at:
+                    self.metrics.reply_latency(event.step, now - self._sent_at.popleft())
             elif type(event) is Violation:
                 log.info(
                     "violation",
@@ -207,37 +277,62 @@ class Connection:
         while it sends a message body.
         """
         s = self.session
-        key: tuple[object, ...]
         if s.awaiting_upstream:
-            key = ("up", s.upstream_replies, s.commands_seen)
-            timeout = _reply_timeout(self.timeouts, s.head_step)
-            if key[:2] == self._deadline_key[:2]:
+            a, b = s.upstream_replies, 0
+            if self._deadline_kind == _UP and a == self._deadline_a:
                 return  # same reply still owed: keep its deadline
+            kind, timeout = _UP, _reply_timeout(self.timeouts, s.head_step)
         elif s.in_body:
-            key = ("body", self._client_reads)
-            timeout = self.timeouts.client_data_seconds
+            a, b = self._client_reads, 0
+            if self._deadline_kind == _BODY and a == self._deadline_a:
+                return
+            kind, timeout = _BODY, self.timeouts.client_data_seconds
         else:
-            key = ("cmd", s.commands_seen, s.upstream_replies)
-            timeout = self.timeouts.client_command_seconds
-        if key == self._deadline_key:
-            return
-        self._deadline_key = key
-        self._deadline = trio.current_time() + timeout
+            a, b = s.commands_seen, s.upstream_replies
+            if self._deadline_kind == _CMD and a == self._deadline_a and b == self._deadline_b:
+                return
+            kind, timeout = _CMD, self.timeouts.client_command_seconds
+        self._deadline_kind, self._deadline_a, self._deadline_b = kind, a, b
+        deadline = self._deadline = trio.current_time() + timeout
+        if deadline < self._wake_at:
+            self._wake(deadline)
+
+    def _wake(self, when: float) -> None:
+        """Have the watchdog wake at ``when`` (earlier than it would)."""
+        self._wake_at = when
         if self._watch_scope is not None:
-            self._watch_scope.deadline = self._deadline
+            self._watch_scope.deadline = when
 
     async def _watchdog(self) -> None:
+        session = self.session
         while True:
-            with trio.CancelScope(deadline=self._deadline) as scope:
+            with trio.CancelScope(deadline=self._wake_at) as scope:
                 self._watch_scope = scope
                 await trio.sleep_forever()
-            if trio.current_time() >= self._deadline:
-                break
-        if self.session.awaiting_upstream:
-            self.session.upstream_timeout()
-        else:
-            self.session.client_timeout()
-        await self._settle()
+            self._watch_scope = None
+            now = trio.current_time()
+            since = self._client_send_since
+            if since is not None and now >= since + self._send_timeout:
+                # The client has not taken a reply in time.
+                session.abort("client_timeout")
+                self._observe_pending()
+                self._nursery.cancel_scope.cancel()
+                return
+            if now >= self._deadline and not session.closed:
+                if session.awaiting_upstream:
+                    session.upstream_timeout()
+                else:
+                    session.client_timeout()
+                if since is None:
+                    with trio.move_on_after(self._send_timeout):
+                        await self._settle()
+                    self._nursery.cancel_scope.cancel()
+                    return
+                # A reply is being sent: its sender sends the 421 after it
+                # and closes, unless the send's own deadline comes first.
+            self._wake_at = _INF if session.closed else self._deadline
+            if since is not None:
+                self._wake_at = min(self._wake_at, since + self._send_timeout)
 
     async def _pump_client(self) -> None:
         session = self.session

@@ -325,6 +325,7 @@ async def test_http_request_is_dropped_without_bothering_the_upstream() -> None:
         out = await read_to_eof(client)
     assert out == b"521 5.7.0 guard.test Error: non-SMTP command\r\n"
     assert upstream.lines == []
-    assert value(
-        registry, "smtpguard_policy_actions_total", defence="non_smtp", action="disconnect"
-    ) == 1
+    assert (
+        value(registry, "smtpguard_policy_actions_total", defence="non_smtp", action="disconnect")
+        == 1
+    )

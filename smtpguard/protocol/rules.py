@@ -254,8 +254,22 @@ FRAMING_DEPENDS: frozenset[Verb] = frozenset(
 REPLY_CLASSES = (2, 3, 4, 5)
 
 
+_PERMITTED_CACHE: dict[tuple[State, Verb], str | None] = {}
+_OUTCOMES_CACHE: dict[tuple[State, Verb], frozenset[State]] = {}
+
+
 def permitted(state: State, verb: Verb) -> str | None:
     """Return ``None`` if ``verb`` is in sequence in ``state``, else what was expected."""
+    # Pure and over a small finite domain: memoized (it runs per command).
+    key = (state, verb)
+    try:
+        return _PERMITTED_CACHE[key]
+    except KeyError:
+        result = _PERMITTED_CACHE[key] = _permitted(state, verb)
+        return result
+
+
+def _permitted(state: State, verb: Verb) -> str | None:
     phase = state.phase
     if verb not in PERMITTED[phase]:
         return VIOLATION_TEXT.get((phase, verb), PHASE_EXPECTATION[phase])
@@ -289,5 +303,10 @@ def transition(state: State, step: Verb, reply_class: int) -> State:
 
 
 def outcomes(state: State, step: Verb) -> frozenset[State]:
-    """Every state the upstream's reply to ``step`` could lead to."""
-    return frozenset(transition(state, step, c) for c in REPLY_CLASSES)
+    """Every state the upstream's reply to ``step`` could lead to (memoized)."""
+    key = (state, step)
+    try:
+        return _OUTCOMES_CACHE[key]
+    except KeyError:
+        result = _OUTCOMES_CACHE[key] = frozenset(transition(state, step, c) for c in REPLY_CLASSES)
+        return result
