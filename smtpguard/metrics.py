@@ -60,6 +60,8 @@ CLOSE_REASONS = (
     "upstream_error",
     "upstream_refused",
     "shutdown",
+    "policy",
+    "tls_failed",
     "internal_error",
 )
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "error")
@@ -149,6 +151,22 @@ class Metrics:
         for defence in Defence:
             for action in ALLOWED.get(defence, ("observe", "reject")):
                 self.policy_actions.labels(defence.value, action)
+        self.tls_sessions = Counter(
+            "smtpguard_tls_sessions",
+            "Client sessions that negotiated TLS (STARTTLS or implicit), by protocol",
+            ["protocol"],
+            registry=r,
+        )
+        for protocol in ("TLSv1.2", "TLSv1.3"):
+            self.tls_sessions.labels(protocol)
+        self.auth_results = Counter(
+            "smtpguard_auth_results",
+            "AUTH exchanges relayed, by the upstream's verdict",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.auth_results.labels(result)
         self.reload_success = Gauge(
             "smtpguard_config_last_reload_successful",
             "1 if the last configuration load succeeded, 0 if it was refused",
@@ -189,6 +207,9 @@ class Metrics:
         if ok:
             self.reload_time.set_to_current_time()
 
+    def tls_session(self, protocol: str) -> None:
+        self.tls_sessions.labels(protocol).inc()
+
     def session_opened(self) -> None:
         self.sessions_opened.inc()
         self.sessions_open.inc()
@@ -221,6 +242,8 @@ class Metrics:
                         event.step.value, f"{event.code // 100}xx"
                     )
                 child.inc()
+                if event.step in (Verb.AUTH, Verb.AUTH_RESPONSE) and event.code != 334:
+                    self.auth_results.labels("success" if event.code < 400 else "failure").inc()
             elif type(event) is LocalReply:
                 self.local_replies.labels(str(event.code)).inc()
                 if event.code == 214:

@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
+import ipaddress
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
 
-from .config import Address, Config, Timeouts
+from .config import Address, Config, Listener, Timeouts, server_context
+from .edges import (
+    PrefixedStream,
+    read_proxy_header,
+    send_identity,
+    start_server_tls,
+    tls_summary,
+)
 from .logs import fields
 from .metrics import Metrics
+from .protocol.framing import UpstreamProtocolError
 from .protocol.policy import TOO_MANY_CONNECTIONS, Defence
+from .protocol.proxyproto import ProxyHeaderError
 from .protocol.rules import Verb
 from .protocol.session import (
     Event,
@@ -100,8 +112,12 @@ class Connection:
         metrics: Metrics,
         conn_id: int = 0,
         peer: str = "-",
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.client = client
+        self.tls_context = tls_context
+        self._recv_scope: trio.CancelScope | None = None
+        self._tls_done = trio.Event()
         self.upstream = upstream
         self.session = session
         self.timeouts = timeouts
@@ -154,6 +170,10 @@ class Connection:
     # for its stream, including what came while it was sending.
     async def _settle(self) -> None:
         session = self.session
+        switching = session.tls_pending and not self._tls_done.is_set()
+        if switching and self._recv_scope is not None:
+            # The client pump must not read the handshake as plaintext.
+            self._recv_scope.cancel()
         events = session.take_events()
         if events:
             self._observe(events)
@@ -200,7 +220,30 @@ class Connection:
         if session.closed:
             await self._close()
             return
+        if switching:
+            await self._start_tls()
+            if session.closed:
+                await self._close()
+                return
         self._rearm()
+
+    async def _start_tls(self) -> None:
+        """STARTTLS was answered with 220: wrap the client stream (RFC 3207)."""
+        assert self.tls_context is not None
+        with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
+            await _acquire(self._client_lock)
+            try:
+                self.client = await start_server_tls(self.client, self.tls_context)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.session.abort("tls_failed")
+            finally:
+                self._client_lock.release()
+        if scope.cancelled_caught:
+            self.session.abort("tls_failed")
+        if not self.session.closed:
+            self.session.tls_started()
+            self.metrics.tls_session(tls_summary(self.client).get("tls_protocol", "unknown"))
+        self._tls_done.set()
 
     async def _close(self) -> None:
         """The session is over: the last replies reach the client, then both sides close.
@@ -340,10 +383,17 @@ class Connection:
             while not session.wants_client_bytes:
                 await self._room.wait()
                 self._room = trio.Event()
-            try:
-                data = await self.client.receive_some(READ_BYTES)
-            except (trio.BrokenResourceError, OSError):
-                data = b""
+            if session.tls_pending:
+                await self._tls_done.wait()
+            with trio.CancelScope() as scope:
+                self._recv_scope = scope
+                try:
+                    data = await self.client.receive_some(READ_BYTES)
+                except (trio.BrokenResourceError, OSError):
+                    data = b""
+            self._recv_scope = None
+            if scope.cancelled_caught:
+                continue  # a TLS switch took over the stream
             self._client_reads += 1
             self.bytes_from_client += len(data)
             if not data:
@@ -401,6 +451,7 @@ class Proxy:
             raise ValueError("no upstream address")
         self.upstream = upstream
         self._connect = connect or self._connect_tcp
+        self._tls_context = server_context(config.tls) if config.tls else None
         self._connections: collections.Counter[str] = collections.Counter()
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
@@ -408,6 +459,7 @@ class Proxy:
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
         self.config = config
+        self._tls_context = server_context(config.tls) if config.tls else None
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
 
@@ -416,14 +468,25 @@ class Proxy:
             return await trio.open_tcp_stream(self.upstream.host, self.upstream.port)
 
     async def handle(
-        self, client: trio.abc.Stream, peer: str = "-", client_host: str = "-"
+        self,
+        client: trio.abc.Stream,
+        peer: str = "-",
+        client_host: str = "-",
+        *,
+        client_addr: tuple[str, int] | None = None,
+        local_addr: tuple[str, int] | None = None,
+        implicit_tls: bool = False,
     ) -> None:
         """Serve one client until its session ends.  Never raises (but Cancelled)."""
         conn_id = next(_ids)
         metrics = self.metrics
         metrics.session_opened()
         config = self.config  # a reload mid-session must not mix two configs
-        session = Session(config.session)
+        options = config.session
+        if implicit_tls:
+            options = dataclasses.replace(options, implicit_tls=True)
+        session = Session(options)
+        tls_context = self._tls_context
         conn: Connection | None = None
         opened = trio.current_time()
         log.debug("connect", extra=fields(conn=conn_id, client=peer))
@@ -448,7 +511,30 @@ class Proxy:
                 with trio.move_on_after(10):
                     await client.send_all(session.take_client_bytes())
                 return
-            conn = Connection(client, upstream, session, config.timeouts, metrics, conn_id, peer)
+            try:
+                with trio.fail_after(config.timeouts.greeting_seconds):
+                    early = await send_identity(
+                        upstream, config.upstream_identity, client_addr, local_addr
+                    )
+            except (
+                UpstreamProtocolError,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+                OSError,
+            ) as e:
+                log.error(
+                    "upstream identity failed",
+                    extra=fields(conn=conn_id, client=peer, error=str(e)[:200]),
+                )
+                await trio.aclose_forcefully(upstream)
+                session.upstream_refused()
+                await self._answer_and_close(client, session)
+                return
+            if early:
+                session.receive_upstream(early)
+            conn = Connection(
+                client, upstream, session, config.timeouts, metrics, conn_id, peer, tls_context
+            )
             await conn.run()
         except Exception:
             log.exception("internal error", extra=fields(conn=conn_id, client=peer))
@@ -463,6 +549,7 @@ class Proxy:
                 await trio.aclose_forcefully(client)
             summary: dict[str, object] = {"conn": conn_id, "client": peer, "reason": reason}
             if conn is not None:
+                summary.update(tls_summary(conn.client))
                 summary.update(conn.summary.fields())
                 summary["bytes_in"] = conn.bytes_from_client
                 summary["bytes_out"] = conn.bytes_to_client
@@ -520,17 +607,24 @@ class Proxy:
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on every configured address and serve until cancelled."""
-        listeners: list[trio.SocketListener] = []
-        for address in self.config.listen:
-            listeners += await trio.open_tcp_listeners(address.port, host=address.host)
-        for listener in listeners:
-            log.info("listening", extra=fields(address=_sockname(listener)))
+        listeners: list[tuple[trio.SocketListener, Listener]] = []
+        specs = self.config.listeners or tuple(Listener(a) for a in self.config.listen)
+        for spec in specs:
+            for sock in await trio.open_tcp_listeners(spec.address.port, host=spec.address.host):
+                listeners.append((sock, spec))
+        for sock, spec in listeners:
+            log.info(
+                "listening",
+                extra=fields(
+                    address=_sockname(sock), tls=spec.tls, proxy_protocol=spec.proxy_protocol
+                ),
+            )
         async with trio.open_nursery() as nursery:
-            task_status.started(listeners)
-            for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener)
+            task_status.started([sock for sock, _ in listeners])
+            for sock, spec in listeners:
+                nursery.start_soon(self._accept_loop, sock, spec)
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, spec: Listener) -> None:
         async with listener, trio.open_nursery() as handlers:
             while True:
                 try:
@@ -540,15 +634,78 @@ class Proxy:
                     log.error("accept failed", extra=fields(error=str(exc)))
                     await trio.sleep(0.1)
                     continue
-                handlers.start_soon(self._handle_stream, stream)
+                handlers.start_soon(self._handle_stream, stream, spec)
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream, spec: Listener) -> None:
+        """The accept path: PROXY header, implicit TLS, then the SMTP session."""
         try:
-            host, port = stream.socket.getpeername()[:2]
-            peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            sock_peer = stream.socket.getpeername()
+            local = stream.socket.getsockname()
+            client_addr: tuple[str, int] | None = (sock_peer[0], sock_peer[1])
+            local_addr: tuple[str, int] | None = (local[0], local[1])
         except OSError:
-            host, peer = "-", "-"
-        await self.handle(stream, peer, host)
+            client_addr = local_addr = None
+        client: trio.abc.Stream = stream
+        try:
+            with trio.fail_after(self.config.timeouts.connect_seconds):
+                if spec.proxy_protocol:
+                    client, client_addr, local_addr = await self._proxy_header(
+                        stream, spec, client_addr, local_addr
+                    )
+                if spec.tls == "implicit":
+                    if self._tls_context is None:
+                        raise ssl.SSLError("no TLS certificate configured")
+                    client = await start_server_tls(client, self._tls_context)
+        except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.warning(
+                "refused at accept",
+                extra=fields(
+                    client=_show(client_addr), reason=str(exc)[:200] or type(exc).__name__
+                ),
+            )
+            await trio.aclose_forcefully(client)
+            return
+        await self.handle(
+            client,
+            _show(client_addr),
+            client_addr[0] if client_addr else "-",
+            client_addr=client_addr,
+            local_addr=local_addr,
+            implicit_tls=spec.tls == "implicit",
+        )
+
+    async def _proxy_header(
+        self,
+        stream: trio.SocketStream,
+        spec: Listener,
+        client_addr: tuple[str, int] | None,
+        local_addr: tuple[str, int] | None,
+    ) -> tuple[trio.abc.Stream, tuple[str, int] | None, tuple[str, int] | None]:
+        """A PROXY header from a trusted balancer gives the real client address."""
+        trusted = client_addr is not None and any(
+            ipaddress.ip_address(client_addr[0]) in net for net in spec.trusted
+        )
+        try:
+            if not trusted:
+                raise ProxyHeaderError("PROXY header expected from an untrusted address")
+            info, rest = await read_proxy_header(stream)
+        except ProxyHeaderError:
+            self.metrics.policy_actions.labels(Defence.PROXY_PROTOCOL.value, "reject").inc()
+            raise
+        wrapped: trio.abc.Stream = PrefixedStream(stream, rest) if rest else stream
+        if info.source_host is None or info.source_port is None:
+            return wrapped, client_addr, local_addr  # LOCAL: the balancer's own check
+        dest = local_addr
+        if info.dest_host is not None and info.dest_port is not None:
+            dest = (info.dest_host, info.dest_port)
+        return wrapped, (info.source_host, info.source_port), dest
+
+
+def _show(addr: tuple[str, int] | None) -> str:
+    if addr is None:
+        return "-"
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _sockname(listener: trio.SocketListener) -> str:
