@@ -1,0 +1,331 @@
+"""STARTTLS terminated by smtpguard, over in-memory streams (no sockets).
+
+The client side wraps its memory stream in ``trio.SSLStream`` after the 220, like a real
+client; the scripted upstream records every line it got, so these tests prove what the
+upstream never saw: the STARTTLS itself, plaintext injected behind it (CVE-2011-0411), and
+commands sent after TLS before the new EHLO.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+import trustme
+from prometheus_client import CollectorRegistry
+
+from smtpguard.config import load
+from smtpguard.metrics import Metrics
+from smtpguard.proxy import Proxy
+
+
+class FakeUpstream:
+    """A scripted SMTP upstream (no STARTTLS of its own) that records every line it got."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.lines: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.closed = trio.Event()
+
+    async def run(self) -> None:
+        buf = bytearray()
+        in_data = False
+        try:
+            await self.stream.send_all(b"220 fake ESMTP\r\n")
+            while True:
+                chunk = await self.stream.receive_some(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while True:
+                    if in_data:
+                        end = buf.find(b"\r\n.\r\n")
+                        if end < 0:
+                            break
+                        self.bodies.append(bytes(buf[: end + 2]))
+                        del buf[: end + 5]
+                        in_data = False
+                        await self.stream.send_all(b"250 2.0.0 queued\r\n")
+                        continue
+                    end = buf.find(b"\r\n")
+                    if end < 0:
+                        break
+                    line = bytes(buf[:end])
+                    del buf[: end + 2]
+                    self.lines.append(line)
+                    verb = line.split(b" ")[0].upper()
+                    if verb == b"EHLO":
+                        await self.stream.send_all(
+                            b"250-fake\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n"
+                            b"250 ENHANCEDSTATUSCODES\r\n"
+                        )
+                    elif verb == b"DATA":
+                        in_data = True
+                        await self.stream.send_all(b"354 go ahead\r\n")
+                    elif verb == b"STARTTLS":
+                        await self.stream.send_all(b"454 4.7.0 upstream must never see this\r\n")
+                    elif verb == b"QUIT":
+                        await self.stream.send_all(b"221 2.0.0 bye\r\n")
+                        await self.stream.aclose()
+                        return
+                    else:
+                        await self.stream.send_all(b"250 2.0.0 ok\r\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self.closed.set()
+
+    @property
+    def verbs(self) -> list[bytes]:
+        return [line.split(b" ")[0].upper() for line in self.lines]
+
+
+class Replies:
+    """Reads SMTP replies from a stream, keeping what it read beyond the last one."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def read(self, n: int = 1) -> list[bytes]:
+        replies: list[bytes] = []
+        current = b""
+        while len(replies) < n:
+            while b"\r\n" not in self.buf:
+                chunk = await self.stream.receive_some(65536)
+                assert chunk, f"closed after {replies!r} + {current!r}"
+                self.buf += chunk
+            line, self.buf = self.buf.split(b"\r\n", 1)
+            current += line + b"\r\n"
+            if line[3:4] != b"-":
+                replies.append(current)
+                current = b""
+        return replies
+
+    async def one(self) -> bytes:
+        return (await self.read(1))[0]
+
+
+@dataclass
+class TLSFiles:
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TLSFiles:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "guard.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return TLSFiles(ca, cert, key)
+
+
+@dataclass
+class Harness:
+    client: trio.abc.Stream
+    upstream: FakeUpstream
+    registry: CollectorRegistry
+    handled: trio.Event
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.registry.get_sample_value(name, labels)
+        return 0.0 if v is None else v
+
+
+@pytest.fixture
+async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
+    config = load(
+        {
+            "upstream": "127.0.0.1:25",
+            "hostname": "guard.test",
+            "tls": {"certificate": str(tls_files.cert), "key": str(tls_files.key)},
+            "timeouts": {"client_command_seconds": 20},
+        }
+    )
+    registry = CollectorRegistry()
+    client, proxy_side = trio.testing.memory_stream_pair()
+    up_proxy_side, up_side = trio.testing.memory_stream_pair()
+    upstream = FakeUpstream(up_side)
+    handled = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            nursery.start_soon(upstream.run)
+            return up_proxy_side
+
+        proxy = Proxy(config, Metrics(registry), connect=connect)
+
+        async def handle() -> None:
+            try:
+                await proxy.handle(proxy_side, "127.0.0.1:4242", "127.0.0.1")
+            finally:
+                handled.set()
+
+        nursery.start_soon(handle)
+        with trio.fail_after(30):
+            yield Harness(client, upstream, registry, handled)
+            await handled.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def _starttls(h: Harness, tls_files: TLSFiles) -> tuple[trio.SSLStream, Replies]:
+    """Greeting, EHLO (STARTTLS offered), STARTTLS, handshake: the TLS stream and its reader."""
+    plain = Replies(h.client)
+    assert await plain.one() == b"220 fake ESMTP\r\n"
+    await h.client.send_all(b"EHLO client.test\r\n")
+    ehlo = await plain.one()
+    assert b"250-STARTTLS\r\n" in ehlo or ehlo.endswith(b"250 STARTTLS\r\n"), ehlo
+    assert b"AUTH" not in ehlo  # auth.require_tls (default): no AUTH on plaintext
+    await h.client.send_all(b"STARTTLS\r\n")
+    assert await plain.one() == b"220 2.0.0 Ready to start TLS\r\n"
+    assert plain.buf == b""
+    tls = trio.SSLStream(h.client, tls_files.client_context(), server_hostname="localhost")
+    await tls.do_handshake()
+    return tls, Replies(tls)
+
+
+async def test_starttls_is_terminated_by_smtpguard_and_never_reaches_the_upstream(
+    harness: Harness, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    h = harness
+    tls, replies = await _starttls(h, tls_files)
+    assert tls.version() in ("TLSv1.2", "TLSv1.3")
+
+    # RFC 3207 4.2: the session starts over; MAIL before the new EHLO is refused locally.
+    await tls.send_all(b"MAIL FROM:<early@example.org>\r\n")
+    assert await replies.one() == b"503 Error: send HELO/EHLO first\r\n"
+
+    await tls.send_all(b"EHLO client.test\r\n")
+    ehlo = await replies.one()
+    assert ehlo.startswith(b"250-fake\r\n"), ehlo
+    assert b"STARTTLS" not in ehlo
+    assert b"AUTH PLAIN" in ehlo  # now encrypted: AUTH is offered
+
+    await tls.send_all(b"STARTTLS\r\n")
+    assert await replies.one() == b"554 5.5.1 Error: TLS already active\r\n"
+
+    await tls.send_all(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+    assert await replies.read(3) == [
+        b"250 2.0.0 ok\r\n",
+        b"250 2.0.0 ok\r\n",
+        b"354 go ahead\r\n",
+    ]
+    await tls.send_all(b"Subject: over TLS\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert await replies.read(2) == [b"250 2.0.0 queued\r\n", b"221 2.0.0 bye\r\n"]
+    await h.handled.wait()
+
+    assert h.upstream.lines == [
+        b"EHLO client.test",
+        b"EHLO client.test",
+        b"MAIL FROM:<a@example.org>",
+        b"RCPT TO:<b@example.org>",
+        b"DATA",
+        b"QUIT",
+    ]
+    assert h.upstream.bodies == [b"Subject: over TLS\r\n\r\nhello\r\n"]
+    assert b"STARTTLS" not in h.upstream.verbs
+    assert h.value("smtpguard_tls_sessions_total", protocol=str(tls.version())) == 1
+    assert h.value("smtpguard_commands_forwarded_total", command="STARTTLS") == 0
+
+    [summary] = [r for r in caplog.records if r.getMessage() == "disconnect"]
+    fields = summary.fields  # type: ignore[attr-defined]
+    assert fields["reason"] == "quit"
+    assert fields["tls_protocol"] == tls.version()
+    assert fields["tls_cipher"] == tls.cipher()[0]  # type: ignore[index]
+    assert fields["starttls"] == "1/2"  # the second one got 554
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [b"RSET\r\n", b"MAIL FROM:<evil@example.org>\r\n", b"AUTH PLAIN AGFsaWNlAHNlY3JldA==\r\n"],
+    ids=["rset", "mail", "auth"],
+)
+async def test_plaintext_pipelined_after_starttls_is_discarded(
+    harness: Harness, tls_files: TLSFiles, injected: bytes
+) -> None:
+    h = harness
+    plain = Replies(h.client)
+    assert await plain.one() == b"220 fake ESMTP\r\n"
+    await h.client.send_all(b"EHLO client.test\r\n")
+    await plain.one()
+    await h.client.send_all(b"STARTTLS\r\n" + injected)
+    assert await plain.one() == b"220 2.0.0 Ready to start TLS\r\n"
+    tls = trio.SSLStream(h.client, tls_files.client_context(), server_hostname="localhost")
+    with trio.fail_after(10):
+        await tls.do_handshake()
+    replies = Replies(tls)
+    await tls.send_all(b"EHLO again.test\r\n")
+    assert (await replies.one()).startswith(b"250-fake\r\n")
+    await tls.send_all(b"QUIT\r\n")
+    assert await replies.one() == b"221 2.0.0 bye\r\n"
+    await h.handled.wait()
+
+    assert h.upstream.lines == [b"EHLO client.test", b"EHLO again.test", b"QUIT"]
+    assert (
+        h.value(
+            "smtpguard_policy_actions_total", defence="starttls_injection", action="reject"
+        )
+        == 1
+    )
+
+
+async def test_pipelined_ehlo_and_starttls_in_one_write(
+    harness: Harness, tls_files: TLSFiles
+) -> None:
+    """STARTTLS held behind a pipelined EHLO is decided when the EHLO reply comes in."""
+    h = harness
+    plain = Replies(h.client)
+    assert await plain.one() == b"220 fake ESMTP\r\n"
+    await h.client.send_all(b"EHLO client.test\r\nSTARTTLS\r\n")
+    ehlo, ready = await plain.read(2)
+    assert b"STARTTLS" in ehlo
+    assert ready == b"220 2.0.0 Ready to start TLS\r\n"
+    tls = trio.SSLStream(h.client, tls_files.client_context(), server_hostname="localhost")
+    with trio.fail_after(10):
+        await tls.do_handshake()
+    replies = Replies(tls)
+    await tls.send_all(b"EHLO client.test\r\nQUIT\r\n")
+    first, last = await replies.read(2)
+    assert first.startswith(b"250-fake\r\n") and last == b"221 2.0.0 bye\r\n"
+    await h.handled.wait()
+    assert h.upstream.lines == [b"EHLO client.test", b"EHLO client.test", b"QUIT"]
+    assert (
+        h.value(
+            "smtpguard_policy_actions_total", defence="starttls_injection", action="reject"
+        )
+        == 0
+    )
+
+
+async def test_failed_handshake_closes_the_session(harness: Harness) -> None:
+    h = harness
+    plain = Replies(h.client)
+    await plain.one()
+    await h.client.send_all(b"EHLO client.test\r\n")
+    await plain.one()
+    await h.client.send_all(b"STARTTLS\r\n")
+    assert await plain.one() == b"220 2.0.0 Ready to start TLS\r\n"
+    # Not a TLS ClientHello: the handshake fails and smtpguard hangs up.
+    await h.client.send_all(b"MAIL FROM:<x@example.org>\r\n")
+    with trio.fail_after(10):
+        while await h.client.receive_some(65536):
+            pass
+        await h.handled.wait()
+    assert h.upstream.lines == [b"EHLO client.test"]
+    assert h.value("smtpguard_sessions_closed_total", reason="tls_failed") == 1
