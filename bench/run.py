@@ -442,6 +442,11 @@ listen: {host}:{port}
 upstream: {host}:{sink_port}
 metrics:
   listen: {host}:{metrics_port}
+limits:
+  # Every bench client comes from one loopback address: lift the per-client
+  # cap (50 by default, like Postfix) for the idle-connection test.
+  max_connections: 100000
+  max_connections_per_client: 100000
 """
 
 
