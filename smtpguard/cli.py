@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
 import sys
 
 import trio
@@ -68,14 +70,38 @@ async def serve(config: Config, path: str | None = None) -> None:
                 lambda: _upstream_reachable(upstream),
             )
             print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
+        _notify(b"READY=1")
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     _reload(proxy, metrics, config, path)
                     continue
-                log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
+                log.info(
+                    "stopping",
+                    extra=fields(
+                        signal=signal.Signals(signum).name,
+                        grace_seconds=config.shutdown_grace_seconds,
+                    ),
+                )
+                _notify(b"STOPPING=1")
+                with trio.move_on_after(config.shutdown_grace_seconds + 15):
+                    await proxy.stop(config.shutdown_grace_seconds)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def _notify(message: bytes) -> None:
+    """systemd's notify protocol (Type=notify): one datagram to $NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, path)
+    except OSError as exc:
+        log.warning("sd_notify failed", extra=fields(error=str(exc)))
 
 
 def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> None:
@@ -91,8 +117,10 @@ def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> No
         return
     if new.listen != old.listen or new.metrics_listen != old.metrics_listen:
         log.warning("reload: listen addresses change only on restart")
+    _notify(b"RELOADING=1")
     proxy.reload(new)
     metrics.config_loaded(True)
+    _notify(b"READY=1")
     log.info("reloaded", extra=fields(path=path))
 
 

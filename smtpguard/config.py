@@ -111,6 +111,8 @@ class Config:
     #: How the upstream learns the real client: "none", "proxy_v1",
     #: "proxy_v2" or "xclient".
     upstream_identity: str = "none"
+    #: SIGTERM: how long sessions in flight may take before they get 421 4.3.2.
+    shutdown_grace_seconds: float = 30.0
 
 
 DEFAULT_HELP = (
@@ -151,6 +153,7 @@ _TOP_KEYS = {
     "tls",
     "auth",
     "upstream_identity",
+    "shutdown_grace_seconds",
 }
 
 
@@ -494,6 +497,9 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         listeners=listeners,
         tls=tls,
         upstream_identity=identity,
+        shutdown_grace_seconds=_number(
+            "shutdown_grace_seconds", raw.get("shutdown_grace_seconds", 30), 0
+        ),
     )
 
 

@@ -227,6 +227,11 @@ class Connection:
                 return
         self._rearm()
 
+    async def shutdown(self) -> None:
+        """The service is stopping and the grace period is over: 421 and close."""
+        self.session.shutdown()
+        await self._settle()
+
     async def _start_tls(self) -> None:
         """STARTTLS was answered with 220: wrap the client stream (RFC 3207)."""
         assert self.tls_context is not None
@@ -453,6 +458,10 @@ class Proxy:
         self._connect = connect or self._connect_tcp
         self._tls_context = server_context(config.tls) if config.tls else None
         self._connections: collections.Counter[str] = collections.Counter()
+        self._active: set[Connection] = set()
+        self._idle = trio.Event()  # set (and renewed) whenever a session ends
+        self._accepting = trio.CancelScope()
+        self._handlers: trio.Nursery
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
 
@@ -535,7 +544,13 @@ class Proxy:
             conn = Connection(
                 client, upstream, session, config.timeouts, metrics, conn_id, peer, tls_context
             )
-            await conn.run()
+            self._active.add(conn)
+            try:
+                await conn.run()
+            finally:
+                self._active.discard(conn)
+                self._idle.set()
+                self._idle = trio.Event()
         except Exception:
             log.exception("internal error", extra=fields(conn=conn_id, client=peer))
         finally:
@@ -606,7 +621,11 @@ class Proxy:
         *,
         task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on every configured address and serve until cancelled."""
+        """Listen on every configured address and serve until :meth:`stop` is done.
+
+        Sessions run in their own nursery, apart from the accept loops, so
+        that stopping to accept leaves the sessions in flight alone.
+        """
         listeners: list[tuple[trio.SocketListener, Listener]] = []
         specs = self.config.listeners or tuple(Listener(a) for a in self.config.listen)
         for spec in specs:
@@ -619,13 +638,35 @@ class Proxy:
                     address=_sockname(sock), tls=spec.tls, proxy_protocol=spec.proxy_protocol
                 ),
             )
-        async with trio.open_nursery() as nursery:
-            task_status.started([sock for sock, _ in listeners])
-            for sock, spec in listeners:
-                nursery.start_soon(self._accept_loop, sock, spec)
+        async with trio.open_nursery() as handlers:
+            self._handlers = handlers
+            with trio.CancelScope() as self._accepting:
+                async with trio.open_nursery() as accept:
+                    task_status.started([sock for sock, _ in listeners])
+                    for sock, spec in listeners:
+                        accept.start_soon(self._accept_loop, sock, spec)
+            # stop() cancelled the accept loops (and closed the listeners);
+            # the sessions in flight finish in the handlers nursery.
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Graceful shutdown: stop accepting, let sessions finish within the
+        grace period, then answer ``421 4.3.2`` to those left and close them."""
+        self._accepting.cancel()
+        with trio.move_on_after(grace_seconds):
+            while self._active:
+                await self._idle.wait()
+        left = list(self._active)
+        if left:
+            log.info("shutdown: closing sessions", extra=fields(sessions=len(left)))
+        for conn in left:
+            self._handlers.start_soon(conn.shutdown)
+        with trio.move_on_after(10):
+            while self._active:
+                await self._idle.wait()
+        self._handlers.cancel_scope.cancel()
 
     async def _accept_loop(self, listener: trio.SocketListener, spec: Listener) -> None:
-        async with listener, trio.open_nursery() as handlers:
+        async with listener:
             while True:
                 try:
                     stream = await listener.accept()
@@ -634,7 +675,7 @@ class Proxy:
                     log.error("accept failed", extra=fields(error=str(exc)))
                     await trio.sleep(0.1)
                     continue
-                handlers.start_soon(self._handle_stream, stream, spec)
+                self._handlers.start_soon(self._handle_stream, stream, spec)
 
     async def _handle_stream(self, stream: trio.SocketStream, spec: Listener) -> None:
         """The accept path: PROXY header, implicit TLS, then the SMTP session."""

@@ -8,6 +8,7 @@ commands sent after TLS before the new EHLO.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -69,6 +70,9 @@ class FakeUpstream:
                     elif verb == b"DATA":
                         in_data = True
                         await self.stream.send_all(b"354 go ahead\r\n")
+                    elif verb == b"XCLIENT":
+                        # Postfix answers XCLIENT with a fresh greeting.
+                        await self.stream.send_all(b"220 fake ESMTP after XCLIENT\r\n")
                     elif verb == b"STARTTLS":
                         await self.stream.send_all(b"454 4.7.0 upstream must never see this\r\n")
                     elif verb == b"QUIT":
@@ -147,16 +151,12 @@ class Harness:
         return 0.0 if v is None else v
 
 
-@pytest.fixture
-async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
-    config = load(
-        {
-            "upstream": "127.0.0.1:25",
-            "hostname": "guard.test",
-            "tls": {"certificate": str(tls_files.cert), "key": str(tls_files.key)},
-            "timeouts": {"client_command_seconds": 20},
-        }
-    )
+@contextlib.asynccontextmanager
+async def _harness(
+    raw: dict[str, object], client_addr: tuple[str, int] | None = None
+) -> AsyncIterator[Harness]:
+    """smtpguard's ``handle`` on a memory stream with the config ``raw`` and a FakeUpstream."""
+    config = load({"upstream": "127.0.0.1:25", "hostname": "guard.test", **raw})
     registry = CollectorRegistry()
     client, proxy_side = trio.testing.memory_stream_pair()
     up_proxy_side, up_side = trio.testing.memory_stream_pair()
@@ -172,7 +172,9 @@ async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
 
         async def handle() -> None:
             try:
-                await proxy.handle(proxy_side, "127.0.0.1:4242", "127.0.0.1")
+                await proxy.handle(
+                    proxy_side, "127.0.0.1:4242", "127.0.0.1", client_addr=client_addr
+                )
             finally:
                 handled.set()
 
@@ -181,6 +183,13 @@ async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
             yield Harness(client, upstream, registry, handled)
             await handled.wait()
         nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
+    tls = {"certificate": str(tls_files.cert), "key": str(tls_files.key)}
+    async with _harness({"tls": tls, "timeouts": {"client_command_seconds": 20}}) as h:
+        yield h
 
 
 async def _starttls(h: Harness, tls_files: TLSFiles) -> tuple[trio.SSLStream, Replies]:
@@ -278,9 +287,7 @@ async def test_plaintext_pipelined_after_starttls_is_discarded(
 
     assert h.upstream.lines == [b"EHLO client.test", b"EHLO again.test", b"QUIT"]
     assert (
-        h.value(
-            "smtpguard_policy_actions_total", defence="starttls_injection", action="reject"
-        )
+        h.value("smtpguard_policy_actions_total", defence="starttls_injection", action="reject")
         == 1
     )
 
@@ -306,9 +313,7 @@ async def test_pipelined_ehlo_and_starttls_in_one_write(
     await h.handled.wait()
     assert h.upstream.lines == [b"EHLO client.test", b"EHLO client.test", b"QUIT"]
     assert (
-        h.value(
-            "smtpguard_policy_actions_total", defence="starttls_injection", action="reject"
-        )
+        h.value("smtpguard_policy_actions_total", defence="starttls_injection", action="reject")
         == 0
     )
 
@@ -329,3 +334,41 @@ async def test_failed_handshake_closes_the_session(harness: Harness) -> None:
         await h.handled.wait()
     assert h.upstream.lines == [b"EHLO client.test"]
     assert h.value("smtpguard_sessions_closed_total", reason="tls_failed") == 1
+
+
+async def test_summary_keeps_tls_protocol_when_the_client_vanishes(
+    harness: Harness, tls_files: TLSFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client closing its TCP connection without a TLS close_notify (what Python's ssl and
+    most MTAs do) must not erase the session's TLS protocol from the summary line."""
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    h = harness
+    tls, replies = await _starttls(h, tls_files)
+    version = tls.version()
+    await tls.send_all(b"EHLO client.test\r\n")
+    assert (await replies.one()).startswith(b"250-fake\r\n")
+    await trio.aclose_forcefully(h.client)  # the transport, under the TLS layer
+    await h.handled.wait()
+    [summary] = [r for r in caplog.records if r.getMessage() == "disconnect"]
+    fields = summary.fields  # type: ignore[attr-defined]
+    assert fields["reason"] == "client_closed"
+    assert fields["tls_protocol"] == version
+
+
+async def test_xclient_identity_greeting_reaches_the_client() -> None:
+    """upstream_identity: xclient: the greeting the upstream sends after XCLIENT is relayed."""
+    async with _harness({"upstream_identity": "xclient"}, client_addr=("192.0.2.7", 4242)) as h:
+        replies = Replies(h.client)
+        with trio.move_on_after(5) as scope:
+            greeting = await replies.one()
+        assert not scope.cancelled_caught, "no greeting within 5 s after the XCLIENT exchange"
+        assert greeting == b"220 fake ESMTP after XCLIENT\r\n"
+        await h.client.send_all(b"EHLO client.test\r\nQUIT\r\n")
+        ehlo, bye = await replies.read(2)
+        assert ehlo.startswith(b"250-fake\r\n") and bye == b"221 2.0.0 bye\r\n"
+        await h.handled.wait()
+        assert h.upstream.lines == [
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=4242",
+            b"EHLO client.test",
+            b"QUIT",
+        ]

@@ -93,3 +93,55 @@ def test_sighup_reloads_new_sessions_and_refuses_a_bad_config(postfix: Postfix) 
         assert held.replies(2)[1].startswith(b"221")
         held.close()
         assert guard.proc.poll() is None
+
+
+def test_sigterm_lets_a_message_in_data_finish_then_421s_the_idle(postfix: Postfix) -> None:
+    guard = Guard(f"{postfix.host}:{postfix.port}", shutdown_grace_seconds=3)
+    with guard:
+        assert guard.proc is not None
+        busy = RawClient(guard.port)
+        idle = RawClient(guard.port)
+        busy.reply()
+        idle.reply()
+        busy.send(b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+        assert busy.replies(4)[-1].startswith(b"354")
+        busy.send(b"Subject: graceful\r\n\r\nfirst half\r\n")
+        started = time.monotonic()
+        guard.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        # No new sessions once stopping.
+        try:
+            late = RawClient(guard.port)
+            assert late.read_to_eof() == b""
+        except OSError:
+            pass
+        busy.send(b"second half\r\n.\r\n")
+        assert busy.reply().startswith(b"250")  # the message in DATA was not cut short
+        busy.send(b"QUIT\r\n")
+        assert busy.reply().startswith(b"221")
+        assert (
+            idle.read_to_eof()
+            == b"421 4.3.2 guard.test Service shutting down, closing connection\r\n"
+        )
+        assert time.monotonic() - started >= 2.5  # the idle one got its grace period
+        assert guard.proc.wait(20) == 0
+        assert "stopping" in guard.log()
+
+
+def test_systemd_notify_ready_and_stopping(postfix: Postfix, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket as socketlib
+
+    path = str(tmp_path / "notify.sock")
+    with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(15)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        with Guard(f"{postfix.host}:{postfix.port}") as guard:
+            assert sock.recv(100) == b"READY=1"
+            assert guard.proc is not None
+            guard.proc.send_signal(signal.SIGHUP)
+            assert sock.recv(100) == b"RELOADING=1"
+            assert sock.recv(100) == b"READY=1"
+            guard.proc.send_signal(signal.SIGTERM)
+            assert sock.recv(100) == b"STOPPING=1"
+            assert guard.proc.wait(20) == 0

@@ -64,7 +64,9 @@ class ListenerGuard(Guard):
         self, upstream: str | None, listeners: Sequence[Mapping[str, Any]], **extra: Any
     ) -> None:
         ports = [free_port() for _ in listeners]
-        listen = [{**spec, "address": f"127.0.0.1:{p}"} for spec, p in zip(listeners, ports)]
+        listen = [
+            {**spec, "address": f"127.0.0.1:{p}"} for spec, p in zip(listeners, ports, strict=True)
+        ]
         super().__init__(upstream, listen=listen, **extra)
         self.ports = ports
         self.port = ports[0]
@@ -264,6 +266,23 @@ def test_smtplib_starttls_message_arrives_and_mail_before_new_ehlo_is_refused(
     assert " reason=quit " in line, line
     assert " violations=1 " in line, line  # the early MAIL
     assert tls_guard.metric(TLS_SESSIONS, protocol=str(version)) == before[str(version)] + 1
+
+
+def test_summary_line_keeps_tls_protocol_when_the_client_just_closes(
+    tls_guard: ListenerGuard, certs: Certs
+) -> None:
+    """Most clients close the socket without a TLS close_notify (Python's ssl, after QUIT):
+    the session's TLS protocol must still be in its summary line."""
+    with SMTPClient("127.0.0.1", tls_guard.port) as client:
+        client.ehlo()
+        assert client.starttls(certs.client_context(), server_hostname="localhost").code == 220
+        assert client.ehlo().code == 250
+        assert isinstance(client.sock, ssl.SSLSocket)
+        version = client.sock.version()
+        client_addr = "{}:{}".format(*client.local_address)
+    line = guard_disconnect(tls_guard, client_addr)
+    assert " reason=client_closed " in line, line
+    assert f" tls_protocol={version} " in line, line
 
 
 def test_starttls_tls_already_active_text(tls_guard: ListenerGuard, certs: Certs) -> None:
