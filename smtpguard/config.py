@@ -111,6 +111,10 @@ class Config:
     #: How the upstream learns the real client: "none", "proxy_v1",
     #: "proxy_v2" or "xclient".
     upstream_identity: str = "none"
+    #: Every upstream, for failover (``upstream`` is the first).
+    upstreams: tuple[Address, ...] = ()
+    #: "ordered": the first that answers; "round_robin": start one further each time.
+    upstream_selection: str = "ordered"
     #: SIGTERM: how long sessions in flight may take before they get 421 4.3.2.
     shutdown_grace_seconds: float = 30.0
 
@@ -154,6 +158,7 @@ _TOP_KEYS = {
     "auth",
     "upstream_identity",
     "shutdown_grace_seconds",
+    "upstream_selection",
 }
 
 
@@ -364,11 +369,24 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
             "upstream_identity", f"must be none, proxy_v1, proxy_v2 or xclient, got {identity!r}"
         )
 
-    upstream = None
-    if raw.get("upstream") is not None:
-        upstream = parse_address("upstream", raw["upstream"], default_port=25)
-        if upstream.port == 0:
-            raise ConfigError("upstream", "port 0 is not a port one can connect to")
+    upstreams: list[Address] = []
+    up_raw = raw.get("upstream")
+    if up_raw is not None:
+        up_items = up_raw if isinstance(up_raw, list) else [up_raw]
+        if not up_items:
+            raise ConfigError("upstream", "needs at least one address (or leave it out)")
+        for i, item in enumerate(up_items):
+            key = f"upstream[{i}]" if isinstance(up_raw, list) else "upstream"
+            address = parse_address(key, item, default_port=25)
+            if address.port == 0:
+                raise ConfigError(key, "port 0 is not a port one can connect to")
+            upstreams.append(address)
+    upstream = upstreams[0] if upstreams else None
+    selection = raw.get("upstream_selection", "ordered")
+    if selection not in ("ordered", "round_robin"):
+        raise ConfigError(
+            "upstream_selection", f"must be 'ordered' or 'round_robin', got {selection!r}"
+        )
 
     sink = _section(raw, "sink", {"directory"})
     sink_dir = sink.get("directory", "smtpguard-mail")
@@ -484,6 +502,8 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     return Config(
         listen=listen,
         upstream=upstream,
+        upstreams=tuple(upstreams),
+        upstream_selection=selection,
         sink_directory=(base / sink_dir).resolve(),
         metrics_listen=metrics_listen,
         session=session,

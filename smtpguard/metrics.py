@@ -151,6 +151,12 @@ class Metrics:
         for defence in Defence:
             for action in ALLOWED.get(defence, ("observe", "reject")):
                 self.policy_actions.labels(defence.value, action)
+        self.upstream_up = Gauge(
+            "smtpguard_upstream_up",
+            "1 if the last connection to this upstream (by its index in the config) worked",
+            ["upstream"],
+            registry=r,
+        )
         self.tls_sessions = Counter(
             "smtpguard_tls_sessions",
             "Client sessions that negotiated TLS (STARTTLS or implicit), by protocol",

@@ -464,6 +464,12 @@ class Proxy:
         self._handlers: trio.Nursery
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
+        self.upstreams: tuple[Address, ...] = (
+            (upstream,) if self._fixed_upstream else (config.upstreams or (upstream,))
+        )
+        self._next_upstream = 0
+        for i in range(len(self.upstreams)):
+            metrics.upstream_up.labels(str(i))
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
@@ -471,10 +477,39 @@ class Proxy:
         self._tls_context = server_context(config.tls) if config.tls else None
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
+            self.upstreams = config.upstreams or (config.upstream,)
+            self._next_upstream = 0
 
     async def _connect_tcp(self) -> trio.abc.Stream:
-        with trio.fail_after(self.config.timeouts.connect_seconds):
-            return await trio.open_tcp_stream(self.upstream.host, self.upstream.port)
+        """Connect to the first upstream that answers (failover), in the
+        configured order or round robin; each failure is counted."""
+        upstreams = self.upstreams
+        start = 0
+        if self.config.upstream_selection == "round_robin":
+            start = self._next_upstream % len(upstreams)
+            self._next_upstream += 1
+        error: BaseException | None = None
+        for k in range(len(upstreams)):
+            index = (start + k) % len(upstreams)
+            address = upstreams[index]
+            try:
+                with trio.fail_after(self.config.timeouts.connect_seconds):
+                    stream = await trio.open_tcp_stream(address.host, address.port)
+            except (OSError, trio.TooSlowError) as exc:
+                self.metrics.upstream_up.labels(str(index)).set(0)
+                if k + 1 < len(upstreams):
+                    self.metrics.connect_failed(_connect_failure_reason(exc))
+                    log.warning(
+                        "upstream failover",
+                        extra=fields(upstream=str(address), reason=_connect_failure_reason(exc)),
+                    )
+                error = exc
+                continue
+            self.metrics.upstream_up.labels(str(index)).set(1)
+            self.upstream = address
+            return stream
+        assert error is not None
+        raise error
 
     async def handle(
         self,

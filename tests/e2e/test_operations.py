@@ -145,3 +145,32 @@ def test_systemd_notify_ready_and_stopping(postfix: Postfix, tmp_path, monkeypat
             guard.proc.send_signal(signal.SIGTERM)
             assert sock.recv(100) == b"STOPPING=1"
             assert guard.proc.wait(20) == 0
+
+
+def test_failover_to_the_next_upstream_and_round_robin(postfix: Postfix, postfix_factory) -> None:  # type: ignore[no-untyped-def]
+    dead = f"127.0.0.1:{free_port()}"
+    live = f"{postfix.host}:{postfix.port}"
+    with Guard([dead, live]) as guard:  # type: ignore[arg-type]
+        for _ in range(2):
+            with RawClient(guard.port) as client:
+                assert client.reply().startswith(b"220 ")  # Postfix's greeting, via #1
+                client.send(b"QUIT\r\n")
+                assert client.reply().startswith(b"221")
+        assert guard.metric("smtpguard_upstream_up", upstream="0") == 0
+        assert guard.metric("smtpguard_upstream_up", upstream="1") == 1
+        assert guard.metric("smtpguard_upstream_connect_failures_total", reason="refused") == 2
+        assert guard.metric("smtpguard_sessions_closed_total", reason="quit") == 2
+    other = postfix_factory()
+    offsets = (postfix.log_offset(), other.log_offset())
+    with Guard(
+        [live, f"{other.host}:{other.port}"],
+        upstream_selection="round_robin",  # type: ignore[arg-type]
+    ) as guard:
+        for _ in range(4):
+            with RawClient(guard.port) as client:
+                client.reply()
+                client.send(b"QUIT\r\n")
+                client.reply()
+    first = postfix.log_since(offsets[0]).count("disconnect from")
+    second = other.log_since(offsets[1]).count("disconnect from")
+    assert (first, second) == (2, 2)

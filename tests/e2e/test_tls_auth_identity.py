@@ -547,7 +547,7 @@ def test_proxy_header_in_and_out_carries_the_client_address(
         HAProxy(("127.0.0.1", guard.port), send_proxy=send_proxy) as haproxy,
     ):
         offset = proxy_pf.log_offset()
-        with SMTPClient("127.0.0.1", haproxy.port, source_address="127.0.0.5") as client:
+        with SMTPClient("127.0.0.1", haproxy.port, source_address="127.0.0.5", timeout=5) as client:
             host, port = client.local_address
             assert host == "127.0.0.5"
             assert client.banner is not None and client.banner.code == 220, client.banner
@@ -577,7 +577,7 @@ def test_xclient_carries_the_client_address(xclient_pf: Postfix) -> None:
         HAProxy(("127.0.0.1", guard.port), send_proxy="v2") as haproxy,
     ):
         offset = xclient_pf.log_offset()
-        with SMTPClient("127.0.0.1", haproxy.port, source_address="127.0.0.5") as client:
+        with SMTPClient("127.0.0.1", haproxy.port, source_address="127.0.0.5", timeout=5) as client:
             port = client.local_address[1]
             assert client.banner is not None and client.banner.code == 220, client.banner
             ehlo = client.ehlo()
@@ -600,7 +600,7 @@ def test_direct_client_identity_without_a_balancer(xclient_pf: Postfix) -> None:
     """No PROXY header in: the TCP peer (a client bound to 127.0.0.6) is what XCLIENT says."""
     with Guard(f"{xclient_pf.host}:{xclient_pf.port}", upstream_identity="xclient") as guard:
         offset = xclient_pf.log_offset()
-        with SMTPClient("127.0.0.1", guard.port, source_address="127.0.0.6") as client:
+        with SMTPClient("127.0.0.1", guard.port, source_address="127.0.0.6", timeout=5) as client:
             port = client.local_address[1]
             assert client.ehlo().code == 250
             client.quit()
