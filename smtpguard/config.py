@@ -321,6 +321,7 @@ def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, 
 
     policy = Policy(
         max_message_bytes=limit("max_message_bytes", 0),
+        max_text_line_bytes=limit("max_text_line_bytes", 0),
         max_recipients=limit("max_recipients", defaults.max_recipients),
         max_unknown_commands=limit("max_unknown_commands", defaults.max_unknown_commands),
         hard_error_limit=limit("hard_error_limit", defaults.hard_error_limit),
@@ -433,6 +434,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
             "hard_error_limit",
             "max_connections",
             "max_connections_per_client",
+            "max_text_line_bytes",
         },
     )
     policy, greet_wait = _policy(raw, limits)

@@ -42,6 +42,8 @@ class Defence(enum.Enum):
     UNKNOWN_COMMANDS = "unknown_commands"
     #: Too many error replies in one session.
     ERROR_LIMIT = "error_limit"
+    #: A DATA text line longer than the limit.
+    TEXT_LINE_LENGTH = "text_line_length"
     #: Too many connections (per client address or in all).
     CONNECTIONS = "connections"
     #: Plaintext sent after STARTTLS, before the TLS handshake (CVE-2011-0411).
@@ -80,6 +82,9 @@ class Policy:
     non_smtp: str = "disconnect"
     #: 0 = no limit of our own (the upstream's SIZE still applies upstream).
     max_message_bytes: int = 0
+    #: Longest text line in a DATA body, CRLF included (RFC 5321 4.5.3.1.6:
+    #: 1000); 0 = no check (Postfix splits at line_length_limit instead).
+    max_text_line_bytes: int = 0
     #: smtpd_recipient_limit = 1000.
     max_recipients: int = 1000
     #: smtpd_junk_command_limit = 100.
@@ -107,6 +112,7 @@ EARLY_TALKER = Reply(521, "5.5.1", "{hostname} Error: protocol error: talked bef
 NON_SMTP_COMMAND = Reply(521, "5.7.0", "{hostname} Error: non-SMTP command")
 BARE_NEWLINE = Reply(550, "5.5.2", "Error: bare <CR> or <LF> received")
 BARE_NEWLINE_COMMAND = Reply(500, "5.5.2", "Error: bare <CR> or <LF> in command")
+TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Error: message text line too long")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")

@@ -194,6 +194,8 @@ class Session:
         self._sync_reported: _Slot | None = None
         self._tls_pending = False  # STARTTLS answered: waiting for the handshake
         self._size_reported = False  # the size limit was reported for this message
+        self._line_bytes = 0  # length of the DATA text line in progress
+        self._text_line_reported = False
         self._bdat_tail = b""
         #: Why the session ended, once it has: "quit", "client_closed",
         #: "client_timeout", "upstream_closed", "upstream_timeout",
@@ -472,6 +474,8 @@ class Session:
             self._message_bytes = 0
         if self.state.phase is Phase.DATA:
             self._body_open = True
+            self._line_bytes = 0
+            self._text_line_reported = False
             self._body = BodyFilter(self.options.policy.smuggling)
             self._body_reported = set()
             # Nothing was sent after DATA (it waits for this 354), so the
@@ -919,12 +923,35 @@ class Session:
             return True
         return False
 
+    def _lines_ok(self, out: bytes) -> bool:
+        """Text line length in DATA (only when configured: it costs a split per chunk)."""
+        limit = self.options.policy.max_text_line_bytes
+        last = out.rfind(b"\n")
+        if last < 0:
+            self._line_bytes += len(out)
+            longest = self._line_bytes
+        else:
+            lines = out.split(b"\n")
+            longest = max(
+                [self._line_bytes + len(lines[0]) + 1, *(len(x) + 1 for x in lines[1:-1])]
+            )
+            self._line_bytes = len(lines[-1])
+        if longest <= limit or self._text_line_reported:
+            return True
+        self._text_line_reported = True
+        if self._limit_action(Defence.TEXT_LINE_LENGTH, "text line above the limit"):
+            self._fail(P.TEXT_LINE_TOO_LONG, "policy")
+            return False
+        return True
+
     def _consume_body(self) -> bool:
         """Stream DATA body bytes; True once the final dot has been passed on."""
         buf = self._client_buf
         assert self._body is not None
         out, used, ended = self._body.feed(buf)
         if self._body.findings - self._body_reported and self._smuggling_found(self._body.findings):
+            return False
+        if self.options.policy.max_text_line_bytes and not self._lines_ok(out):
             return False
         self._to_upstream += out
         self._message_bytes += used

@@ -257,3 +257,20 @@ def test_config_rejects_an_action_a_defence_cannot_take() -> None:
     with pytest.raises(ConfigError) as info:
         load({"policy": {"non_smtp": "reject"}})
     assert info.value.key == "policy.non_smtp"
+
+
+@pytest.mark.parametrize(
+    "chunks", [[b"a" * 1200 + b"\r\n.\r\n"], [b"a" * 600, b"a" * 600 + b"\r\n"]]
+)
+def test_text_line_length_limit(chunks: list[bytes]) -> None:
+    s = ready(max_text_line_bytes=1000)
+    in_data(s)
+    for chunk in chunks:
+        s.receive_client(chunk)
+    assert s.closed and s.close_reason == "policy"
+    assert s.take_client_bytes() == b"500 5.5.2 Error: message text line too long\r\n"
+    assert ("text_line_length", "reject") in actions(s)
+    ok = ready(max_text_line_bytes=1000)
+    in_data(ok)
+    ok.receive_client(b"a" * 500 + b"\r\n" + b"b" * 998 + b"\r\n.\r\n")
+    assert not ok.closed and ok.take_upstream_bytes().endswith(b"\r\n.\r\n")
