@@ -116,6 +116,9 @@ class Connection:
     ) -> None:
         self.client = client
         self.tls_context = tls_context
+        #: Negotiated protocol and cipher, read at the handshake (a TLS stream
+        #: closed without close_notify no longer reports its version).
+        self.tls_info = tls_summary(client)
         self._recv_scope: trio.CancelScope | None = None
         self._tls_done = trio.Event()
         self.upstream = upstream
@@ -154,6 +157,9 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.session.has_client_bytes:
+                    # Fed before the pumps started (the greeting after XCLIENT).
+                    nursery.start_soon(self._settle)
                 nursery.start_soon(self._pump_client)
                 nursery.start_soon(self._pump_upstream)
                 nursery.start_soon(self._watchdog)
@@ -247,7 +253,8 @@ class Connection:
             self.session.abort("tls_failed")
         if not self.session.closed:
             self.session.tls_started()
-            self.metrics.tls_session(tls_summary(self.client).get("tls_protocol", "unknown"))
+            self.tls_info = tls_summary(self.client)
+            self.metrics.tls_session(self.tls_info.get("tls_protocol", "unknown"))
         self._tls_done.set()
 
     async def _close(self) -> None:
@@ -599,7 +606,7 @@ class Proxy:
                 await trio.aclose_forcefully(client)
             summary: dict[str, object] = {"conn": conn_id, "client": peer, "reason": reason}
             if conn is not None:
-                summary.update(tls_summary(conn.client))
+                summary.update(conn.tls_info)
                 summary.update(conn.summary.fields())
                 summary["bytes_in"] = conn.bytes_from_client
                 summary["bytes_out"] = conn.bytes_to_client
@@ -722,17 +729,23 @@ class Proxy:
         except OSError:
             client_addr = local_addr = None
         client: trio.abc.Stream = stream
+        awaiting_header = spec.proxy_protocol
         try:
             with trio.fail_after(self.config.timeouts.connect_seconds):
                 if spec.proxy_protocol:
                     client, client_addr, local_addr = await self._proxy_header(
                         stream, spec, client_addr, local_addr
                     )
+                    awaiting_header = False
                 if spec.tls == "implicit":
                     if self._tls_context is None:
                         raise ssl.SSLError("no TLS certificate configured")
                     client = await start_server_tls(client, self._tls_context)
+                    self.metrics.tls_session(tls_summary(client).get("tls_protocol", "unknown"))
         except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            if awaiting_header and not isinstance(exc, ProxyHeaderError):
+                # No header in time (a plain client waiting for a greeting).
+                self.metrics.policy_actions.labels(Defence.PROXY_PROTOCOL.value, "reject").inc()
             log.warning(
                 "refused at accept",
                 extra=fields(
