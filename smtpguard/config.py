@@ -115,6 +115,11 @@ class Config:
     upstreams: tuple[Address, ...] = ()
     #: "ordered": the first that answers; "round_robin": start one further each time.
     upstream_selection: str = "ordered"
+    #: TLS from smtpguard to the upstream: "none", "opportunistic" or "required".
+    upstream_tls: str = "none"
+    upstream_tls_ca_file: str | None = None
+    #: Name to verify the upstream's certificate against (default: its host).
+    upstream_tls_server_name: str | None = None
     #: SIGTERM: how long sessions in flight may take before they get 421 4.3.2.
     shutdown_grace_seconds: float = 30.0
 
@@ -159,6 +164,7 @@ _TOP_KEYS = {
     "upstream_identity",
     "shutdown_grace_seconds",
     "upstream_selection",
+    "upstream_tls",
 }
 
 
@@ -383,6 +389,20 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
                 raise ConfigError(key, "port 0 is not a port one can connect to")
             upstreams.append(address)
     upstream = upstreams[0] if upstreams else None
+    up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name"})
+    up_tls_mode = up_tls.get("mode", "none")
+    if up_tls_mode not in ("none", "opportunistic", "required"):
+        raise ConfigError(
+            "upstream_tls.mode", f"must be none, opportunistic or required, got {up_tls_mode!r}"
+        )
+    ca_file = up_tls.get("ca_file")
+    if ca_file is not None and (
+        not isinstance(ca_file, str) or not pathlib.Path(ca_file).is_file()
+    ):
+        raise ConfigError("upstream_tls.ca_file", f"no such file: {ca_file!r}")
+    server_name = up_tls.get("server_name")
+    if server_name is not None and not isinstance(server_name, str):
+        raise ConfigError("upstream_tls.server_name", "must be a host name")
     selection = raw.get("upstream_selection", "ordered")
     if selection not in ("ordered", "round_robin"):
         raise ConfigError(
@@ -505,6 +525,9 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         listen=listen,
         upstream=upstream,
         upstreams=tuple(upstreams),
+        upstream_tls=up_tls_mode,
+        upstream_tls_ca_file=ca_file,
+        upstream_tls_server_name=server_name,
         upstream_selection=selection,
         sink_directory=(base / sink_dir).resolve(),
         metrics_listen=metrics_listen,

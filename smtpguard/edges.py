@@ -7,6 +7,7 @@ the core asks for it); the SMTP rules stay in :mod:`smtpguard.protocol`.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 
 import trio
 
@@ -127,6 +128,83 @@ async def send_identity(
         if last[:3] != b"220":
             raise UpstreamProtocolError(f"XCLIENT refused: {last[:60]!r}")
     return last
+
+
+@dataclass
+class UpstreamTLS:
+    """What happened with TLS to the upstream, for logs and metrics."""
+
+    result: str = "none"  #: "established", "plaintext", "none"
+    injected: bool = False  #: bytes followed the upstream's 220 (discarded)
+    protocol: str | None = None
+
+
+async def upstream_starttls(
+    upstream: trio.abc.Stream,
+    mode: str,
+    context: ssl.SSLContext,
+    server_name: str | None,
+    hostname: str,
+    greeting: bytes,
+) -> tuple[trio.abc.Stream, bytes, UpstreamTLS]:
+    """STARTTLS from smtpguard to the upstream, before relaying the client.
+
+    ``greeting`` is the upstream's greeting if it was already read (after
+    XCLIENT), else b"".  Returns the stream to use, the greeting to relay
+    to the client, and what happened.  ``opportunistic`` carries on in
+    plaintext when STARTTLS is not offered; ``required`` raises
+    :class:`UpstreamProtocolError` then, or when the certificate does not
+    verify.  Bytes after the upstream's 220 (STARTTLS response injection)
+    are discarded and reported, never relayed.
+    """
+    parser = ReplyParser()
+    if not greeting:
+        greeting = await _one_reply(upstream, parser)
+    if greeting[:1] != b"2":
+        return upstream, greeting, UpstreamTLS("none")
+    await upstream.send_all(b"EHLO " + hostname.encode("ascii", "replace") + b"\r\n")
+    ehlo = await _one_reply(upstream, parser)
+    offered = ehlo[:1] == b"2" and any(
+        line[4:].strip().upper() == b"STARTTLS" for line in ehlo.split(b"\r\n")[1:]
+    )
+    if not offered:
+        if mode == "required":
+            raise UpstreamProtocolError("upstream does not offer STARTTLS")
+        return upstream, greeting, UpstreamTLS("plaintext")
+    await upstream.send_all(b"STARTTLS\r\n")
+    reply, injected = await _one_reply_and_rest(upstream, parser)
+    if reply[:3] != b"220":
+        if mode == "required":
+            raise UpstreamProtocolError(f"upstream refused STARTTLS: {reply[:60]!r}")
+        return upstream, greeting, UpstreamTLS("plaintext", injected)
+    tls = trio.SSLStream(upstream, context, server_hostname=server_name)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        raise UpstreamProtocolError(f"TLS handshake with the upstream failed: {exc}") from None
+    return tls, greeting, UpstreamTLS("established", injected, str(tls.version()))
+
+
+def upstream_context(mode: str, ca_file: str | None) -> ssl.SSLContext:
+    """Client context towards the upstream: verified when required, not otherwise
+    (opportunistic TLS beats plaintext even with a self-signed certificate)."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if mode != "required":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def _one_reply_and_rest(stream: trio.abc.Stream, parser: ReplyParser) -> tuple[bytes, bool]:
+    """One reply; whether anything followed it in the same read (then discarded)."""
+    while True:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            raise UpstreamProtocolError("upstream closed during STARTTLS")
+        replies = parser.feed(chunk)
+        if replies:
+            return replies[0].raw, len(replies) > 1 or parser.pending
 
 
 async def _one_reply(stream: trio.abc.Stream, parser: ReplyParser) -> bytes:

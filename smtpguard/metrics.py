@@ -165,6 +165,14 @@ class Metrics:
         )
         for protocol in ("TLSv1.2", "TLSv1.3"):
             self.tls_sessions.labels(protocol)
+        self.upstream_tls = Counter(
+            "smtpguard_upstream_tls",
+            "STARTTLS from smtpguard to the upstream, by result",
+            ["result"],
+            registry=r,
+        )
+        for result in ("established", "plaintext", "failed", "none"):
+            self.upstream_tls.labels(result)
         self.auth_results = Counter(
             "smtpguard_auth_results",
             "AUTH exchanges relayed, by the upstream's verdict",

@@ -28,6 +28,8 @@ from .edges import (
     send_identity,
     start_server_tls,
     tls_summary,
+    upstream_context,
+    upstream_starttls,
 )
 from .logs import fields
 from .metrics import Metrics
@@ -464,6 +466,9 @@ class Proxy:
         self.upstream = upstream
         self._connect = connect or self._connect_tcp
         self._tls_context = server_context(config.tls) if config.tls else None
+        self._upstream_tls_context = upstream_context(
+            config.upstream_tls, config.upstream_tls_ca_file
+        )
         self._connections: collections.Counter[str] = collections.Counter()
         self._active: set[Connection] = set()
         self._idle = trio.Event()  # set (and renewed) whenever a session ends
@@ -482,6 +487,9 @@ class Proxy:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
         self.config = config
         self._tls_context = server_context(config.tls) if config.tls else None
+        self._upstream_tls_context = upstream_context(
+            config.upstream_tls, config.upstream_tls_ca_file
+        )
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
             self.upstreams = config.upstreams or (config.upstream,)
@@ -567,14 +575,40 @@ class Proxy:
                     early = await send_identity(
                         upstream, config.upstream_identity, client_addr, local_addr
                     )
+                    if config.upstream_tls != "none":
+                        upstream, early, up_tls = await upstream_starttls(
+                            upstream,
+                            config.upstream_tls,
+                            self._upstream_tls_context,
+                            config.upstream_tls_server_name or self.upstream.host,
+                            config.session.hostname,
+                            early,
+                        )
+                        metrics.upstream_tls.labels(up_tls.result).inc()
+                        if up_tls.injected:
+                            metrics.policy_actions.labels(
+                                Defence.STARTTLS_INJECTION.value, "reject"
+                            ).inc()
+                            log.warning(
+                                "policy",
+                                extra=fields(
+                                    conn=conn_id,
+                                    defence="starttls_injection",
+                                    action="reject",
+                                    detail="bytes after the upstream's 220 to STARTTLS",
+                                ),
+                            )
             except (
                 UpstreamProtocolError,
                 trio.TooSlowError,
                 trio.BrokenResourceError,
+                ssl.SSLError,
                 OSError,
             ) as e:
+                if config.upstream_tls != "none":
+                    metrics.upstream_tls.labels("failed").inc()
                 log.error(
-                    "upstream identity failed",
+                    "upstream setup failed",
                     extra=fields(conn=conn_id, client=peer, error=str(e)[:200]),
                 )
                 await trio.aclose_forcefully(upstream)
