@@ -101,15 +101,18 @@ class ShippedHAProxy(HAProxy):
             r["svname"]: r for r in rows if r["pxname"] == BACKEND and r["svname"] in self.servers
         }
 
-    def wait_states(self, wanted: dict[str, str], timeout: float = 30) -> dict[str, dict[str, str]]:
-        """Wait until each named server's status starts with ``wanted[name]`` ("UP", "DOWN")."""
+    def wait_states(
+        self, wanted: dict[str, tuple[str, str]], timeout: float = 30
+    ) -> dict[str, dict[str, str]]:
+        """Wait until each named server's (status, last check status) is ``wanted[name]``,
+        e.g. ("UP", "L7OK"): a transitional "UP 1/3" does not count."""
         deadline = time.monotonic() + timeout
         while True:
             rows = self.stats()
-            if all(rows[name]["status"].startswith(state) for name, state in wanted.items()):
+            shown = {name: (r["status"], r["check_status"]) for name, r in rows.items()}
+            if all(shown[name] == state for name, state in wanted.items()):
                 return rows
             if time.monotonic() > deadline:
-                shown = {n: (r["status"], r["check_status"]) for n, r in rows.items()}
                 raise AssertionError(f"server states {shown}, wanted {wanted}\n{self.log_text()}")
             time.sleep(0.1)
 
@@ -185,12 +188,12 @@ def fleet(postfix: Postfix) -> Iterator[tuple[ShippedHAProxy, dict[str, Guard]]]
             guard.stop()
 
 
-def test_shipped_variant_keeps_the_structure() -> None:
+def test_shipped_variant_keeps_the_structure(tmp_path: Path) -> None:
     text = loopback_variant(
         SHIPPED.read_text(),
         bind="127.0.0.1:2500",
         servers={f"smtpguard{i}": (2500 + i, 9300 + i) for i in (1, 2, 3)},
-        base_dir=Path(os.environ.get("TMPDIR", "/tmp")),
+        base_dir=tmp_path,
     )
     assert "option httpchk GET /readyz" in text
     assert re.search(r"^\s*default-server .*\bcheck port 9325\b.*\bsend-proxy-v2\b", text, re.M)
@@ -203,10 +206,8 @@ def test_haproxy_fleet_carries_the_client_to_smtpguard_and_postfix(
     haproxy, guards = fleet
     # The /readyz checks on the metrics port: the live ones pass (L7OK: HTTP 200, no PROXY
     # header needed), the dead one fails at connect (L4CON).
-    rows = haproxy.wait_states({"smtpguard1": "UP", "smtpguard2": "UP", "smtpguard3": "DOWN"})
-    rows = haproxy.wait_states({"smtpguard1": "UP", "smtpguard2": "UP"})
-    assert all(rows[n]["check_status"] == "L7OK" for n in guards), rows
-    assert rows["smtpguard3"]["check_status"] == "L4CON", rows["smtpguard3"]
+    ready, refused = ("UP", "L7OK"), ("DOWN", "L4CON")
+    haproxy.wait_states({"smtpguard1": ready, "smtpguard2": ready, "smtpguard3": refused})
 
     served: dict[str, list[int]] = {name: [] for name in guards}
     for _ in range(4):
@@ -226,7 +227,7 @@ def test_haproxy_fleet_carries_the_client_to_smtpguard_and_postfix(
 
     # Stop one instance: its check fails, HAProxy takes it out, mail goes to the other.
     assert guards["smtpguard2"].stop() == 0
-    haproxy.wait_states({"smtpguard1": "UP", "smtpguard2": "DOWN"})
+    haproxy.wait_states({"smtpguard1": ready, "smtpguard2": refused})
     for _ in range(2):
         port, _rcpt = send_through(haproxy, postfix)
         assert served_by(guards, port) == "smtpguard1"
