@@ -12,7 +12,7 @@ import sys
 import trio
 
 from . import __version__, logs
-from .config import Address, Config, ConfigError, load, load_file
+from .config import Address, Config, ConfigError, load, load_file, parse_address
 from .logs import fields
 from .metrics import Metrics, serve_http
 from .proxy import Proxy
@@ -39,13 +39,21 @@ async def _upstream_reachable(address: Address) -> bool:
 
 
 async def serve(config: Config, path: str | None = None) -> None:
-    """Run smtpguard until SIGINT/SIGTERM; SIGHUP reloads ``path``."""
-    from .sink import serve_sink
+    """Run smtpguard until SIGINT/SIGTERM; SIGHUP reloads ``path``.
 
+    In a worker (``workers: N``) the listeners share their ports with the
+    other workers (SO_REUSEPORT) and the supervisor serves the metrics.
+    """
+    from .sink import serve_sink
+    from .workers import UPSTREAM_ENV, WORKER_ENV
+
+    worker = os.environ.get(WORKER_ENV)
     metrics = Metrics()
     metrics.config_loaded(True)
     async with trio.open_nursery() as nursery:
         upstream = config.upstream
+        if upstream is None and os.environ.get(UPSTREAM_ENV):
+            upstream = parse_address(UPSTREAM_ENV, os.environ[UPSTREAM_ENV])
         if upstream is None:
             host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
             upstream = Address(host, port)
@@ -54,13 +62,13 @@ async def serve(config: Config, path: str | None = None) -> None:
                 extra=fields(upstream=str(upstream), directory=str(config.sink_directory)),
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
-        proxy = Proxy(config, metrics, upstream)
+        proxy = Proxy(config, metrics, upstream, reuse_port=worker is not None)
         listeners = await nursery.start(proxy.serve)
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             print(f"smtpguard: listening on {shown}, relaying to {upstream}", flush=True)
-        if config.metrics_listen is not None:
+        if config.metrics_listen is not None and worker is None:
             address = config.metrics_listen
             port = await nursery.start(
                 serve_http,
@@ -153,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     if level not in ("debug", "info", "warning", "error"):
         print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
         return EXIT_CONFIG
-    logs.setup(level, config.log_format)
+    from .workers import WORKER_ENV, supervise
+
+    worker = os.environ.get(WORKER_ENV)
+    logs.setup(level, config.log_format, worker=worker)
     try:
-        trio.run(serve, config, args.config)
+        if config.workers > 1 and worker is None:
+            trio.run(supervise, config, list(argv if argv is not None else sys.argv[1:]))
+        else:
+            trio.run(serve, config, args.config)
     except OSError as exc:
         print(f"smtpguard: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

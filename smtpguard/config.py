@@ -8,6 +8,7 @@ sees raw YAML.
 from __future__ import annotations
 
 import ipaddress
+import os
 import pathlib
 import socket
 import ssl
@@ -120,6 +121,8 @@ class Config:
     upstream_tls_ca_file: str | None = None
     #: Name to verify the upstream's certificate against (default: its host).
     upstream_tls_server_name: str | None = None
+    #: Worker processes sharing the listening sockets (1: no supervisor).
+    workers: int = 1
     #: SIGTERM: how long sessions in flight may take before they get 421 4.3.2.
     shutdown_grace_seconds: float = 30.0
 
@@ -165,6 +168,7 @@ _TOP_KEYS = {
     "shutdown_grace_seconds",
     "upstream_selection",
     "upstream_tls",
+    "workers",
 }
 
 
@@ -237,6 +241,16 @@ def _lines(key: str, value: object) -> tuple[str, ...]:
         if "\r" in line or "\n" in line or len(line) > 400:
             raise ConfigError(key, "each line must be one line of at most 400 characters")
     return tuple(value)
+
+
+def _workers(value: object) -> int:
+    """``workers``: a count, or ``auto`` for one per core."""
+    if value == "auto":
+        return os.cpu_count() or 1
+    number = int(_number("workers", value, 1, True))
+    if number > 256:
+        raise ConfigError("workers", f"must be at most 256, got {number}")
+    return number
 
 
 def _listener(key: str, value: object) -> Listener:
@@ -526,6 +540,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         upstream=upstream,
         upstreams=tuple(upstreams),
         upstream_tls=up_tls_mode,
+        workers=_workers(raw.get("workers", 1)),
         upstream_tls_ca_file=ca_file,
         upstream_tls_server_name=server_name,
         upstream_selection=selection,

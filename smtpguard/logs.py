@@ -66,9 +66,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
 
-def setup(level: str = "info", fmt: str = "logfmt") -> None:
+class _Worker(logging.Filter):
+    """Adds the worker index to every record (``workers: N``)."""
+
+    def __init__(self, worker: str) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = dict(getattr(record, "fields", {}))
+        extra.setdefault("worker", self.worker)
+        record.fields = extra
+        return True
+
+
+def setup(level: str = "info", fmt: str = "logfmt", worker: str | None = None) -> None:
     """Send the ``smtpguard`` logger's records to stderr in ``fmt`` at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
+    if worker is not None:
+        handler.addFilter(_Worker(worker))
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
     logger = logging.getLogger("smtpguard")
     logger.handlers[:] = [handler]

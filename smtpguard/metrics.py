@@ -9,7 +9,7 @@ their series exist at 0.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import (
@@ -78,7 +78,11 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.build_info = Gauge(
-            "smtpguard_build_info", "smtpguard version", ["version"], registry=r
+            "smtpguard_build_info",
+            "smtpguard version",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
         self.violations = Counter(
@@ -96,8 +100,12 @@ class Metrics:
         self.sessions_opened = Counter(
             "smtpguard_sessions_opened", "Client sessions accepted", registry=r
         )
+        # multiprocess_mode only matters with workers (summed by the supervisor).
         self.sessions_open = Gauge(
-            "smtpguard_sessions_open", "Client sessions open now", registry=r
+            "smtpguard_sessions_open",
+            "Client sessions open now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.sessions_closed = Counter(
             "smtpguard_sessions_closed", "Client sessions ended, by reason", ["reason"], registry=r
@@ -156,6 +164,7 @@ class Metrics:
             "1 if the last connection to this upstream (by its index in the config) worked",
             ["upstream"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.tls_sessions = Counter(
             "smtpguard_tls_sessions",
@@ -185,11 +194,13 @@ class Metrics:
             "smtpguard_config_last_reload_successful",
             "1 if the last configuration load succeeded, 0 if it was refused",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.reload_time = Gauge(
             "smtpguard_config_last_reload_success_timestamp_seconds",
             "When the configuration in use was loaded",
             registry=r,
+            multiprocess_mode="livemax",
         )
         for verb in CLIENT_VERBS:
             self.forwarded.labels(verb.value)
@@ -292,8 +303,14 @@ async def _http_reply(stream: trio.abc.Stream, status: int, ctype: str, body: by
     await stream.send_all(head + body)
 
 
+class Exposition(Protocol):
+    """Anything that renders a /metrics page (one process, or all workers)."""
+
+    def exposition(self) -> bytes: ...
+
+
 async def serve_http(
-    metrics: Metrics,
+    metrics: Exposition,
     host: str,
     port: int,
     ready: Callable[[], Awaitable[bool]] | None = None,

@@ -15,6 +15,7 @@ import errno
 import ipaddress
 import itertools
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -457,8 +458,10 @@ class Proxy:
         metrics: Metrics,
         upstream: Address | None = None,
         connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.config = config
+        self.reuse_port = reuse_port
         self.metrics = metrics
         upstream = upstream or config.upstream
         if upstream is None:
@@ -705,6 +708,9 @@ class Proxy:
         listeners: list[tuple[trio.SocketListener, Listener]] = []
         specs = self.config.listeners or tuple(Listener(a) for a in self.config.listen)
         for spec in specs:
+            if self.reuse_port:
+                listeners.append((await _reuse_port_listener(spec.address), spec))
+                continue
             for sock in await trio.open_tcp_listeners(spec.address.port, host=spec.address.host):
                 listeners.append((sock, spec))
         for sock, spec in listeners:
@@ -822,6 +828,26 @@ class Proxy:
         if info.dest_host is not None and info.dest_port is not None:
             dest = (info.dest_host, info.dest_port)
         return wrapped, (info.source_host, info.source_port), dest
+
+
+async def _reuse_port_listener(address: Address) -> trio.SocketListener:
+    """A listener that shares its port with the other workers (SO_REUSEPORT)."""
+    infos = await trio.socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind(sockaddr)
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
 
 
 def _show(addr: tuple[str, int] | None) -> str:

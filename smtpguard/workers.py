@@ -1,0 +1,143 @@
+"""``workers: N``: N processes share the listening sockets, one supervisor.
+
+The supervisor starts N copies of ``smtpguard serve`` (each its own trio
+loop) that bind the same addresses with SO_REUSEPORT, so the kernel spreads
+connections over them.  Their metrics go to prometheus-client's
+multiprocess files in a private folder; the supervisor serves ``/metrics``
+(summed over workers), ``/healthz`` and ``/readyz``.  A worker that dies is
+restarted; SIGHUP is passed on (each worker reloads); SIGTERM is passed on
+and the supervisor waits for the workers' graceful stop.
+
+Per-client connection limits are per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+from .config import Address, Config
+from .logs import fields
+
+log = logging.getLogger("smtpguard")
+
+#: Set in a worker's environment: its index.
+WORKER_ENV = "SMTPGUARD_WORKER"
+#: Set in a worker's environment when the supervisor runs the embedded sink.
+UPSTREAM_ENV = "SMTPGUARD_UPSTREAM"
+RESTART_DELAY_SECONDS = 1.0
+
+
+class AggregatedMetrics:
+    """What ``serve_http`` needs: the exposition summed over every worker."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, path: str) -> None:
+        self.registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
+
+    def exposition(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+async def _wait_listening(address: Address, timeout: float) -> bool:
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream(address.host, address.port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await trio.aclose_forcefully(stream)
+            return True
+    return False
+
+
+async def supervise(config: Config, argv: list[str]) -> None:
+    """Run ``config.workers`` worker processes until SIGTERM/SIGINT."""
+    from .cli import _notify, _upstream_reachable
+    from .metrics import serve_http
+    from .sink import serve_sink
+
+    folder = tempfile.mkdtemp(prefix="smtpguard-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder}
+    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+    procs: dict[int, trio.Process] = {}
+    stopping = False
+    try:
+        async with trio.open_nursery() as nursery:
+            upstream = config.upstream
+            if upstream is None:
+                host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
+                upstream = Address(host, port)
+                env[UPSTREAM_ENV] = str(upstream)
+                print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
+
+            async def worker(index: int) -> None:
+                while True:
+                    proc = await trio.lowlevel.open_process(
+                        [sys.executable, "-m", "smtpguard", *argv],
+                        env={**env, WORKER_ENV: str(index)},
+                    )
+                    procs[index] = proc
+                    log.info("worker started", extra=fields(worker=index, pid=proc.pid))
+                    code = await proc.wait()
+                    multiprocess.mark_process_dead(proc.pid, folder)  # type: ignore[no-untyped-call]
+                    if stopping:
+                        return
+                    log.error(
+                        "worker died, restarting",
+                        extra=fields(worker=index, pid=proc.pid, exit_code=code),
+                    )
+                    await trio.sleep(RESTART_DELAY_SECONDS)
+
+            for index in range(config.workers):
+                nursery.start_soon(worker, index)
+            if config.metrics_listen is not None:
+                address = config.metrics_listen
+                reachable = upstream
+
+                async def ready() -> bool:
+                    return bool(procs) and await _upstream_reachable(reachable)
+
+                port = await nursery.start(
+                    serve_http, AggregatedMetrics(folder), address.host, address.port, ready
+                )
+                print(
+                    f"smtpguard: metrics on http://{Address(address.host, port)}/metrics",
+                    flush=True,
+                )
+            if await _wait_listening(config.listen[0], 30):
+                print(
+                    f"smtpguard: {config.workers} workers listening on {config.listen[0]}",
+                    flush=True,
+                )
+                _notify(b"READY=1")
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    for proc in list(procs.values()):
+                        if proc.returncode is None:
+                            proc.send_signal(signal.SIGHUP if signum == signal.SIGHUP else signum)
+                    if signum == signal.SIGHUP:
+                        continue
+                    stopping = True
+                    _notify(b"STOPPING=1")
+                    log.info("stopping workers", extra=fields(workers=len(procs)))
+                    with trio.move_on_after(config.shutdown_grace_seconds + 20):
+                        for proc in list(procs.values()):
+                            await proc.wait()
+                    for proc in procs.values():
+                        if proc.returncode is None:
+                            proc.kill()
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,80 @@
+"""``workers: 2``: processes share the port, metrics add up, a dead worker comes back."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+
+from guard import Guard, RawClient
+from peers import Postfix
+
+
+def session(port: int) -> None:
+    with RawClient(port) as client:
+        assert client.reply().startswith(b"220 ")
+        client.send(b"EHLO c\r\nRCPT TO:<a@example.org>\r\nQUIT\r\n")
+        replies = client.replies(3)
+        assert replies[1] == b"503 5.5.1 Error: need MAIL before RCPT\r\n"
+
+
+def worker_pids(log: str) -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for m in re.finditer(r'event="worker started" worker=(\d+) pid=(\d+)', log):
+        pids[m.group(1)] = int(m.group(2))
+    return pids
+
+
+def test_workers_share_the_port_and_metrics_are_summed(postfix: Postfix) -> None:
+    with Guard(f"{postfix.host}:{postfix.port}", workers=2) as guard:
+        deadline = time.monotonic() + 15
+        while {m for m in re.findall(r"event=listening .*worker=(\d+)", guard.log())} != {"0", "1"}:
+            assert time.monotonic() < deadline, guard.log()
+            time.sleep(0.1)
+        before = guard.metric("smtpguard_sequence_violations_total", command="RCPT", state="ready")
+        for _ in range(30):
+            session(guard.port)
+        time.sleep(0.5)
+        served = {
+            m.group(1)
+            for m in re.finditer(r"event=disconnect .*reason=quit .*worker=(\d+)", guard.log())
+        }
+        assert served == {"0", "1"}  # the kernel spread the sessions over both
+        after = guard.metric("smtpguard_sequence_violations_total", command="RCPT", state="ready")
+        assert after - before == 30  # one endpoint, summed over the workers
+        assert guard.metric("smtpguard_sessions_open") == 0
+
+        # A worker that dies is restarted, and service goes on meanwhile.
+        old = worker_pids(guard.log())
+        os.kill(old["0"], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while worker_pids(guard.log()).get("0") == old["0"]:
+            assert time.monotonic() < deadline, guard.log()
+            # A connection queued on the dead worker's socket is lost with it
+            # (reset); SMTP clients retry.
+            with contextlib.suppress(ConnectionResetError):
+                session(guard.port)
+            time.sleep(0.1)
+        time.sleep(1)  # the new worker binds its socket
+        assert "worker died, restarting" in guard.log()
+        for _ in range(10):
+            session(guard.port)
+
+        assert guard.proc is not None
+        guard.proc.send_signal(signal.SIGTERM)
+        assert guard.proc.wait(30) == 0
+        for pid in worker_pids(guard.log()).values():
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
