@@ -437,6 +437,8 @@ backend sink
     server sink {host}:{sink_port}
 """
 
+WORKERS = 1  # smtpguard's `workers:` (--workers)
+
 SMTPGUARD_CFG = """\
 listen: {host}:{port}
 upstream: {host}:{sink_port}
@@ -447,6 +449,7 @@ limits:
   # cap (50 by default, like Postfix) for the idle-connection test.
   max_connections: 100000
   max_connections_per_client: 100000
+workers: {workers}
 """
 
 
@@ -491,7 +494,11 @@ def start_all(children: Children, tmp: Path, idle: int) -> Setup:
     cfg = tmp / "smtpguard.yaml"
     cfg.write_text(
         SMTPGUARD_CFG.format(
-            host=HOST, port=smtpguard_port, sink_port=sink_port, metrics_port=metrics_port
+            host=HOST,
+            port=smtpguard_port,
+            sink_port=sink_port,
+            metrics_port=metrics_port,
+            workers=WORKERS,
         )
     )
     guard = children.start(
@@ -808,9 +815,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", action="append", help="run only this scenario (repeatable)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="smtpguard worker processes (default 1)"
+    )
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
+    global WORKERS
+    WORKERS = args.workers
     if args.idle is None:
         args.idle = 500 if args.quick else 2000
     if not 1 <= args.repeats <= 50:
