@@ -82,7 +82,7 @@ class BodyFilter:
             m = _BREAK.search(buf, pos)
             if m is None:
                 piece = bytes(buf[pos:])
-                if self._at_line_start and piece.replace(b"\0", b"") in (b"", b"."):
+                if self._undecided(piece):
                     break  # could still become a lone dot: wait for its break
                 out += self._content(piece)
                 self._at_line_start = False
@@ -91,8 +91,10 @@ class BodyFilter:
             i = m.start()
             if buf[i] == 13:
                 if i + 1 >= n:
-                    if i > pos and not self._at_line_start:
-                        out += self._content(bytes(buf[pos:i]))
+                    piece = bytes(buf[pos:i])
+                    if piece and not self._undecided(piece):
+                        out += self._content(piece)
+                        self._at_line_start = False
                         pos = i
                     break  # CR or CRLF: decided by the next byte
                 brk = b"\r\n" if buf[i + 1] == 10 else b"\r"
@@ -110,6 +112,16 @@ class BodyFilter:
             self._prev_crlf = brk == b"\r\n"
             pos = i + len(brk)
         return bytes(out), pos, False
+
+    def _undecided(self, piece: bytes) -> bool:
+        """A line start that may still turn out to be a lone dot (bounded wait).
+
+        Past 1024 bytes (a run of NULs) it is sent on as if it were one: the
+        extra dot that costs is removed again by the receiver's unstuffing.
+        """
+        return (
+            self._at_line_start and len(piece) <= 1024 and piece.replace(b"\0", b"") in (b"", b".")
+        )
 
     def _content(self, content: bytes, brk: bytes | None = None) -> bytes:
         """A line (or the start of one) as it goes upstream."""

@@ -180,7 +180,8 @@ class Session:
         self._body_open = False
         self._replies_queued = 0
         self._upstream_replies = 0
-        self._violations: list[str] = []  # "VERB@phase", in order
+        self._violation_count = 0
+        self._violation_kinds: set[str] = set()  # "VERB@phase", at most 32 kinds
         self._annotated = False  # the current transaction's header is out
         self._client_done = False
         #: Set when a policy ends the session: the reply to send once every
@@ -253,7 +254,12 @@ class Session:
     @property
     def in_transaction_content(self) -> bool:
         """True while a message's content has started but not ended."""
-        return self.in_body or self.state.phase is Phase.BDAT
+        if self.in_body:
+            return True
+        if self.state.phase is not Phase.BDAT:
+            return False
+        # BDAT ... LAST fully sent: the message is complete, only its reply is due.
+        return not any(slot.step is Verb.BDAT_LAST for slot in self._inflight)
 
     @property
     def wants_client_bytes(self) -> bool:
@@ -281,7 +287,12 @@ class Session:
             return
         if self.state.phase is Phase.GREETING and not self._early_talk():
             return
-        if self._slots and self._sent_ahead(data) and self.options.policy.pipelining != "observe":
+        if (
+            self._slots
+            and not (self._bdat_remaining or self._body_open)  # content, not commands
+            and self._sent_ahead(data)
+            and self.options.policy.pipelining != "observe"
+        ):
             # Bytes that arrived too early: answer what is owed, then end.
             self._end_after_replies(P.SYNC_ERROR)
             return
@@ -358,6 +369,8 @@ class Session:
     def _end_after_replies(self, reply: R.Reply | None, reason: str = "policy") -> None:
         """Stop reading the client; once owed replies are out, send ``reply`` and close."""
         self._client_done = True
+        self._held = None  # the final reply (a 421) answers it (RFC 5321 3.8)
+        self._client_buf.clear()
         if self._final is None:
             self._final = (reply, reason)
         self._maybe_finish()
@@ -447,14 +460,23 @@ class Session:
     def _on_upstream_reply(self, reply: UpstreamReply) -> None:
         if not self._inflight:
             if reply.code == 421:  # e.g. the upstream's own idle timeout
+                self._flush_replies()
+                if self.in_transaction_content:
+                    self._events.append(MessageDone("aborted", self._message_bytes))
+                self._to_upstream.clear()
                 self._to_client += reply.raw
                 self.close_reason = "upstream_closed"
             else:
                 self._fail(R.UPSTREAM_LOST, "upstream_error")
             return
-        slot = self._inflight.popleft()
+        slot = self._inflight[0]
         step = slot.step
         cls = reply.reply_class
+        if step is Verb.GREETING and cls == 3:
+            # RFC 5321 4.3.2: a greeting is 220, 554 or 421.
+            self._fail(R.UPSTREAM_LOST, "upstream_error")
+            return
+        self._inflight.popleft()
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
         self._events.append(UpstreamReplied(step, reply.code))
@@ -491,7 +513,8 @@ class Session:
         """Relay the EHLO reply with the keywords we cannot mediate removed."""
         opts = self.options
         lines = reply.lines
-        kept: list[bytes] = [lines[0][4:]]
+        first = lines[0]
+        kept: list[bytes] = [first[4:] if first[3:4] in (b"-", b" ") else b"\r\n"]
         keywords: set[bytes] = set()
         discard = {k.encode() for k in opts.discard_keywords} | ALWAYS_DISCARDED
         if opts.auth_require_tls and not self.state.tls:
@@ -554,6 +577,8 @@ class Session:
                 continue
             if self._bdat_remaining:
                 if not buf:
+                    if self._client_done:
+                        self.abort("client_closed")  # the chunk can never complete
                     return
                 self._consume_bdat()
                 continue
@@ -576,7 +601,7 @@ class Session:
             if framing is Framing.COMMAND and buf.startswith(P.TLS_HANDSHAKE_PREFIX):
                 if self._non_smtp("TLS handshake on a plaintext port"):
                     return
-            taken = self._take_line(limit)
+            taken = self._take_line(limit, framing is Framing.SASL)
             if taken is None:
                 return
             line, bare = taken
@@ -589,7 +614,7 @@ class Session:
                 continue
             self._command(line)
 
-    def _take_line(self, limit: int) -> tuple[bytes, bool] | None:
+    def _take_line(self, limit: int, sasl: bool = False) -> tuple[bytes, bool] | None:
         """The next complete line without its line ending, and whether it ended
         in a bare LF; None if there is none.
 
@@ -607,6 +632,11 @@ class Session:
             if end >= limit or self._discarding_long_line:
                 del buf[: end + 1]
                 self._discarding_long_line = False
+                if sasl:
+                    # The upstream waits for a SASL response: cancel the
+                    # exchange (RFC 4954 4) and relay its 501.
+                    self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
+                    return None
                 self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
                 continue
             line = bytes(buf[:end])
@@ -711,18 +741,23 @@ class Session:
         expected = verdicts.pop()
         if verb is Verb.BDAT:
             return self._bdat(line, expected)
+        local_answer = (verb is Verb.HELP and self.options.help_local) or verb is Verb.STARTTLS
         if expected is not None:
             action = self.options.policy.sequence
-            if action != "observe":
+            # STARTTLS is never forwarded, so there is nothing to observe:
+            # answering it (and starting TLS mid-transaction) would be worse.
+            if action != "observe" or verb is Verb.STARTTLS:
+                action = "reject" if action == "observe" else action
                 self._violation(verb, expected)
                 self._policy(Defence.SEQUENCE, action, expected)
                 if action == "disconnect":
                     self._end_after_replies(None)
                 return True
-            if self._inflight and not self._upstream_pipelining:
-                return False
+        if not local_answer and self._inflight and not self._upstream_pipelining:
+            return False  # the upstream takes one command at a time (decided, and reported, later)
+        if expected is not None:
             self._violation(verb, expected, local=False)
-            self._policy(Defence.SEQUENCE, action, expected)
+            self._policy(Defence.SEQUENCE, "observe", expected)
         elif verb is Verb.MAIL and not self._mail_size_ok(line):
             return True
         elif verb is Verb.RCPT and self._rcpts >= self.options.policy.max_recipients:
@@ -737,16 +772,23 @@ class Session:
         if verb is Verb.AUTH and self.options.auth_require_tls and not self.state.tls:
             self._local(verb, R.AUTH_NEEDS_TLS)
             return True
-        if self._inflight and not self._upstream_pipelining:
-            return False  # the upstream takes one command at a time
         if verb is Verb.MAIL:
-            self._annotated = False
-            self._rcpts = 0
-            self._size_reported = False
+            self._new_transaction()
         elif verb is Verb.RCPT:
             self._rcpts += 1
         self._forward(verb, verb, line)
         return True
+
+    def _new_transaction(self) -> None:
+        """MAIL is going out: per-message state starts afresh."""
+        if self._message_bytes:
+            # BDAT content of an abandoned transaction (RSET/EHLO ended it).
+            self._events.append(MessageDone("aborted", self._message_bytes))
+        self._annotated = False
+        self._rcpts = 0
+        self._size_reported = False
+        self._message_bytes = 0
+        self._bdat_tail = b""
 
     def _starttls(self) -> bool:
         """STARTTLS is smtpguard's own (RFC 3207); False: hold until replies are in."""
@@ -792,7 +834,9 @@ class Session:
         else:
             phase = min((s.phase for s in self._possible), key=lambda p: p.value)
         self._events.append(Violation(verb, phase, expected))
-        self._violations.append(f"{verb.value}@{phase.value}")
+        self._violation_count += 1
+        if len(self._violation_kinds) < 32:
+            self._violation_kinds.add(f"{verb.value}@{phase.value}")
         if local:
             self._local(verb, R.BAD_SEQUENCE, expected=expected)
 
@@ -853,11 +897,15 @@ class Session:
             return True
         if self._inflight and not self._upstream_pipelining:
             return False
+        if self._client_done and len(self._client_buf) < size:
+            # The client is gone and this chunk can never complete: never start it.
+            self._flush_replies()
+            self.abort("client_closed")
+            return True
         if expected is not None:
             self._violation(Verb.BDAT, expected, local=False)
             self._policy(Defence.SEQUENCE, "observe", expected)
         self._bdat_remaining, self._bdat_forward = size, True
-        self._bdat_tail = b""
         header = self._annotation()
         if header:
             # The header is part of the first chunk: announce its size too.
@@ -869,13 +917,13 @@ class Session:
     def _annotation(self) -> bytes:
         """The header to prepend to this transaction's message, once (or b"")."""
         mode = self.options.annotate
-        if self._annotated or mode == "off" or (mode == "violations" and not self._violations):
+        if self._annotated or mode == "off" or (mode == "violations" and not self._violation_count):
             return b""
         self._annotated = True
         text = f"{self.options.annotate_header}: {self.options.hostname}; "
-        text += f"violations={len(self._violations)}"
-        if self._violations:
-            kinds = sorted(set(self._violations))
+        text += f"violations={self._violation_count}"
+        if self._violation_kinds:
+            kinds = sorted(self._violation_kinds)
             text += "; kinds=" + ",".join(kinds[:20])
         return text.encode("ascii", "replace") + b"\r\n"
 
@@ -892,7 +940,8 @@ class Session:
             if joined.count(b"\n") != crlf or joined.rstrip(b"\r").count(b"\r") != crlf:
                 if self._smuggling_found({"bare_lf_or_cr"}):
                     return
-            self._bdat_tail = chunk[-1:]
+            # Only a CR may pair with the next piece's LF.
+            self._bdat_tail = b"\r" if chunk.endswith(b"\r") else b""
             self._to_upstream += chunk
             self._message_bytes += n
             if not self._size_ok():
