@@ -12,12 +12,13 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import heapq
 import ipaddress
 import itertools
 import logging
+import os
 import socket
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -103,8 +104,126 @@ _INF = float("inf")
 _UP, _BODY, _CMD = 0, 1, 2
 
 
+def _read_now(fd: int) -> bytes | None:
+    """What a non-blocking socket has for us: None when nothing yet, b"" at EOF.
+
+    The pumps read plain TCP sockets with this and ``wait_readable`` instead
+    of ``SocketStream.receive_some``: the same steps (try, then wait), without
+    its layers of coroutines and context managers, which an idle connection
+    would keep alive (about 2 KiB per waiting read) and a busy one would run
+    on every read.
+    """
+    try:
+        return os.read(fd, READ_BYTES)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        return b""  # what the pumps make of a BrokenResourceError
+
+
+class _Timer:
+    """Wakes connections at their deadlines: one task for all of them.
+
+    Each connection has at most one live entry, ``[when, seq, conn]``; moving
+    a wake-up pushes a new entry and clears the old one's ``conn`` (it is
+    dropped when it reaches the top, or when dead entries are the majority).
+    The task runs only while there are entries; it is a system task, so that
+    it serves :meth:`Proxy.handle` with or without :meth:`Proxy.serve`, and a
+    connection's wake-up costs a heap entry instead of a task, its coroutines
+    and a cancel scope.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[list[object]] = []
+        self._seq = itertools.count()
+        self._dead = 0
+        self._running = False
+        self._scope: trio.CancelScope | None = None
+
+    def schedule(self, when: float, conn: Connection) -> list[object]:
+        entry: list[object] = [when, next(self._seq), conn]
+        heapq.heappush(self._heap, entry)
+        if not self._running:
+            self._running = True
+            trio.lowlevel.spawn_system_task(self._run, name="smtpguard-timer")
+        elif self._scope is not None and when < self._scope.deadline:
+            self._scope.deadline = when
+        return entry
+
+    def cancel(self, entry: list[object]) -> None:
+        entry[2] = None
+        self._dead += 1
+        heap = self._heap
+        if self._dead > 64 and self._dead * 2 > len(heap):
+            heap[:] = [e for e in heap if e[2] is not None]
+            heapq.heapify(heap)
+            self._dead = 0
+
+    async def _run(self) -> None:
+        heap = self._heap
+        try:
+            while heap:
+                with trio.CancelScope(deadline=heap[0][0]) as self._scope:  # type: ignore[arg-type]
+                    await trio.sleep_forever()
+                self._scope = None
+                now = trio.current_time()
+                while heap and heap[0][0] <= now:  # type: ignore[operator]
+                    conn = heapq.heappop(heap)[2]
+                    if conn is None:
+                        self._dead -= 1
+                        continue
+                    try:
+                        conn._timer_fired(now)  # type: ignore[attr-defined]
+                    except Exception:
+                        log.exception("internal error in a timer")
+        finally:
+            # Also when the run ends under us: start afresh in the next one.
+            heap.clear()
+            self._dead = 0
+            self._scope = None
+            self._running = False
+
+
 class Connection:
     """One client and its upstream connection, driven by a :class:`Session`."""
+
+    # Slots: thousands of idle connections each keep one of these (a dict of
+    # this many attributes would cost about 1.5 KiB more per connection).
+    __slots__ = (
+        "client",
+        "tls_context",
+        "tls_info",
+        "_recv_scope",
+        "_tls_done_event",
+        "upstream",
+        "session",
+        "timeouts",
+        "metrics",
+        "conn_id",
+        "peer",
+        "_client_lock",
+        "_upstream_lock",
+        "_room",
+        "_deadline",
+        "_deadline_kind",
+        "_deadline_a",
+        "_deadline_b",
+        "_wake_at",
+        "_timer",
+        "_timer_entry",
+        "_watching",
+        "_send_timeout",
+        "_client_send_since",
+        "_client_reads",
+        "_sent_at",
+        "_opened_at",
+        "summary",
+        "bytes_from_client",
+        "bytes_to_client",
+        "_nursery",
+    )
 
     def __init__(
         self,
@@ -116,6 +235,7 @@ class Connection:
         conn_id: int = 0,
         peer: str = "-",
         tls_context: ssl.SSLContext | None = None,
+        timer: _Timer | None = None,
     ) -> None:
         self.client = client
         self.tls_context = tls_context
@@ -123,7 +243,9 @@ class Connection:
         #: closed without close_notify no longer reports its version).
         self.tls_info = tls_summary(client)
         self._recv_scope: trio.CancelScope | None = None
-        self._tls_done = trio.Event()
+        # Made when first needed (an idle connection holds as few objects as
+        # it can): set once a STARTTLS handshake is over.
+        self._tls_done_event: trio.Event | None = None
         self.upstream = upstream
         self.session = session
         self.timeouts = timeouts
@@ -132,23 +254,28 @@ class Connection:
         self.peer = peer
         self._client_lock = _Turn()
         self._upstream_lock = _Turn()
-        self._room = trio.Event()
+        #: Set when the client pump may read again (made when it waits).
+        self._room: trio.Event | None = None
         now = trio.current_time()
         # The deadline in force and what it is for: (kind, progress counters).
         self._deadline = now + timeouts.greeting_seconds
         self._deadline_kind = _UP
         self._deadline_a = 0
         self._deadline_b = 0
-        # When the watchdog wakes: never after the deadline in force nor after
+        # When the timer wakes us: never after the deadline in force nor after
         # the deadline of a reply being sent to the client.  It lags behind
         # when those move later (most moves), so that moving them costs no
-        # cancel-scope update; the watchdog then sleeps again.
+        # timer update; the timer then sets the next wake-up.
         self._wake_at = self._deadline
-        self._watch_scope: trio.CancelScope | None = None
+        self._timer = timer or _Timer()
+        self._timer_entry: list[object] | None = None
+        self._watching = False  # the timer keeps our deadlines (see _timer_fired)
         self._send_timeout = timeouts.client_command_seconds
         self._client_send_since: float | None = None
         self._client_reads = 0
-        self._sent_at: deque[float] = deque()
+        # When each forwarded command went (FIFO; a list: short, and smaller
+        # than a deque).
+        self._sent_at: list[float] = []
         self._opened_at = now
         self.summary = SessionSummary()
         self.bytes_from_client = 0
@@ -156,7 +283,11 @@ class Connection:
         self._nursery: trio.Nursery
 
     async def run(self) -> None:
-        """Relay until the session ends; returns with both streams closed."""
+        """Relay until the session ends; returns with both streams closed.
+
+        Two tasks: this one pumps the upstream's bytes, a child the client's;
+        the shared timer keeps the deadlines (no task of their own).
+        """
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -164,9 +295,11 @@ class Connection:
                     # Fed before the pumps started (the greeting after XCLIENT).
                     nursery.start_soon(self._settle)
                 nursery.start_soon(self._pump_client)
-                nursery.start_soon(self._pump_upstream)
-                nursery.start_soon(self._watchdog)
+                self._watching = True
+                self._timer_entry = self._timer.schedule(self._wake_at, self)
+                await self._pump_upstream()
         finally:
+            self._stop_watching()
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self.upstream)
                 await trio.aclose_forcefully(self.client)
@@ -236,6 +369,14 @@ class Connection:
                 return
         self._rearm()
 
+    @property
+    def _tls_done(self) -> trio.Event:
+        """Set once the STARTTLS handshake is over (made on first use)."""
+        event = self._tls_done_event
+        if event is None:
+            event = self._tls_done_event = trio.Event()
+        return event
+
     async def shutdown(self) -> None:
         """The service is stopping and the grace period is over: 421 and close."""
         self.session.shutdown()
@@ -279,7 +420,7 @@ class Connection:
                         await self.client.send_all(data)
             finally:
                 self._client_lock.release()
-        self._nursery.cancel_scope.cancel()
+        self._end()
 
     def _observe_pending(self) -> None:
         events = self.session.take_events()
@@ -299,7 +440,7 @@ class Connection:
                 if event.step is Verb.GREETING:
                     self.metrics.reply_latency(event.step, now - self._opened_at)
                 elif self._sent_at:
-                    self.metrics.reply_latency(event.step, now - self._sent_at.popleft())
+                    self.metrics.reply_latency(event.step, now - self._sent_at.pop(0))
             elif type(event) is Violation:
                 log.info(
                     "violation",
@@ -356,59 +497,95 @@ class Connection:
             self._wake(deadline)
 
     def _wake(self, when: float) -> None:
-        """Have the watchdog wake at ``when`` (earlier than it would)."""
+        """Have the timer wake us at ``when`` (earlier than it would)."""
         self._wake_at = when
-        if self._watch_scope is not None:
-            self._watch_scope.deadline = when
+        if self._watching:
+            entry = self._timer_entry
+            if entry is not None:
+                self._timer.cancel(entry)
+            self._timer_entry = self._timer.schedule(when, self)
 
-    async def _watchdog(self) -> None:
+    def _end(self) -> None:
+        """Stop both pumps (and every deadline): the connection is over."""
+        self._stop_watching()
+        self._nursery.cancel_scope.cancel()
+
+    def _stop_watching(self) -> None:
+        self._watching = False
+        entry = self._timer_entry
+        if entry is not None:
+            self._timer_entry = None
+            self._timer.cancel(entry)
+
+    def _timer_fired(self, now: float) -> None:
+        """The shared timer woke us (at ``_wake_at``): act on what is due."""
+        self._timer_entry = None
+        if not self._watching:
+            return
         session = self.session
-        while True:
-            with trio.CancelScope(deadline=self._wake_at) as scope:
-                self._watch_scope = scope
-                await trio.sleep_forever()
-            self._watch_scope = None
-            now = trio.current_time()
-            since = self._client_send_since
-            if since is not None and now >= since + self._send_timeout:
-                # The client has not taken a reply in time.
-                session.abort("client_timeout")
-                self._observe_pending()
-                self._nursery.cancel_scope.cancel()
+        since = self._client_send_since
+        if since is not None and now >= since + self._send_timeout:
+            # The client has not taken a reply in time.
+            session.abort("client_timeout")
+            self._observe_pending()
+            self._end()
+            return
+        if now >= self._deadline and not session.closed:
+            if session.awaiting_upstream:
+                session.upstream_timeout()
+            else:
+                session.client_timeout()
+            if since is None:
+                self._watching = False
+                with contextlib.suppress(RuntimeError):  # the nursery is closing
+                    self._nursery.start_soon(self._expire)
                 return
-            if now >= self._deadline and not session.closed:
-                if session.awaiting_upstream:
-                    session.upstream_timeout()
-                else:
-                    session.client_timeout()
-                if since is None:
-                    with trio.move_on_after(self._send_timeout):
-                        await self._settle()
-                    self._nursery.cancel_scope.cancel()
-                    return
-                # A reply is being sent: its sender sends the 421 after it
-                # and closes, unless the send's own deadline comes first.
-            self._wake_at = _INF if session.closed else self._deadline
-            if since is not None:
-                self._wake_at = min(self._wake_at, since + self._send_timeout)
+            # A reply is being sent: its sender sends the 421 after it
+            # and closes, unless the send's own deadline comes first.
+        wake = _INF if session.closed else self._deadline
+        if since is not None:
+            wake = min(wake, since + self._send_timeout)
+        self._wake_at = wake
+        if wake < _INF:
+            self._timer_entry = self._timer.schedule(wake, self)
+
+    async def _expire(self) -> None:
+        """A deadline passed with no reply being sent: send the 421, then close."""
+        with trio.move_on_after(self._send_timeout):
+            await self._settle()
+        self._end()
 
     async def _pump_client(self) -> None:
         session = self.session
         while True:
             while not session.wants_client_bytes:
-                await self._room.wait()
-                self._room = trio.Event()
+                room = self._room = trio.Event()
+                await room.wait()
             if session.tls_pending:
                 await self._tls_done.wait()
-            with trio.CancelScope() as scope:
-                self._recv_scope = scope
-                try:
-                    data = await self.client.receive_some(READ_BYTES)
-                except (trio.BrokenResourceError, OSError):
-                    data = b""
-            self._recv_scope = None
-            if scope.cancelled_caught:
-                continue  # a TLS switch took over the stream
+            client = self.client
+            if self.tls_context is None and type(client) is trio.SocketStream:
+                # No STARTTLS can take the stream over: no cancel scope.
+                fd = client.socket.fileno()
+                await trio.lowlevel.checkpoint_if_cancelled()
+                got = _read_now(fd)
+                if got is None:
+                    while got is None:
+                        await trio.lowlevel.wait_readable(fd)
+                        got = _read_now(fd)
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                data: bytes | bytearray = got
+            else:
+                with trio.CancelScope() as scope:
+                    self._recv_scope = scope
+                    try:
+                        data = await client.receive_some(READ_BYTES)
+                    except (trio.BrokenResourceError, OSError):
+                        data = b""
+                self._recv_scope = None
+                if scope.cancelled_caught:
+                    continue  # a TLS switch took over the stream
             self._client_reads += 1
             self.bytes_from_client += len(data)
             if not data:
@@ -420,17 +597,33 @@ class Connection:
 
     async def _pump_upstream(self) -> None:
         session = self.session
+        upstream = self.upstream
+        fd = upstream.socket.fileno() if type(upstream) is trio.SocketStream else -1
         while True:
-            try:
-                data = await self.upstream.receive_some(READ_BYTES)
-            except (trio.BrokenResourceError, OSError):
-                data = b""
+            if fd >= 0:
+                await trio.lowlevel.checkpoint_if_cancelled()
+                got = _read_now(fd)
+                if got is None:
+                    while got is None:
+                        await trio.lowlevel.wait_readable(fd)
+                        got = _read_now(fd)
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                data: bytes | bytearray = got
+            else:
+                try:
+                    data = await upstream.receive_some(READ_BYTES)
+                except (trio.BrokenResourceError, OSError):
+                    data = b""
             if not data:
                 session.upstream_eof()
                 await self._settle()
                 return
             session.receive_upstream(data)
-            self._room.set()
+            room = self._room
+            if room is not None:
+                self._room = None
+                room.set()
             await self._settle()
 
 
@@ -475,6 +668,7 @@ class Proxy:
         self._connections: collections.Counter[str] = collections.Counter()
         self._active: set[Connection] = set()
         self._idle = trio.Event()  # set (and renewed) whenever a session ends
+        self._timer = _Timer()  # the connections' deadlines
         self._accepting = trio.CancelScope()
         self._handlers: trio.Nursery
         self._total_connections = 0
@@ -621,7 +815,15 @@ class Proxy:
             if early:
                 session.receive_upstream(early)
             conn = Connection(
-                client, upstream, session, config.timeouts, metrics, conn_id, peer, tls_context
+                client,
+                upstream,
+                session,
+                config.timeouts,
+                metrics,
+                conn_id,
+                peer,
+                tls_context,
+                self._timer,
             )
             self._active.add(conn)
             try:

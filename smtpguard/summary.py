@@ -20,6 +20,8 @@ _NOT_COMMANDS = frozenset({Verb.GREETING, Verb.DATA_END, Verb.AUTH_RESPONSE})
 class SessionSummary:
     """Accumulates a session's events into the summary line's fields."""
 
+    __slots__ = ("ok", "total", "violations", "messages")
+
     def __init__(self) -> None:
         self.ok: Counter[str] = Counter()
         self.total: Counter[str] = Counter()

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.policy import Policy
 
 LOCAL_CODES = {b"214", b"500", b"501", b"502", b"503"}
 
@@ -232,7 +233,9 @@ def test_random_sessions_keep_order_and_never_send_out_of_sequence(
     case: tuple[list[str], bool, bool, st.DrawFn],
 ) -> None:
     kinds, upstream_pipelining, help_local, draw = case
-    session = Session(SessionOptions(help_local=help_local, auth_require_tls=False))
+    # Limits off: this test is about order (the error limits have their own tests).
+    limits = Policy(hard_error_limit=10**6, max_unknown_commands=10**6)
+    session = Session(SessionOptions(help_local=help_local, auth_require_tls=False, policy=limits))
     upstream = ModelUpstream(draw, upstream_pipelining)
     lines = [command_line(k, i) for i, k in enumerate(kinds)] + [b"QUIT"]
     expected: list[bytes] = [b"GREETING"]  # what each reply answers, in order
