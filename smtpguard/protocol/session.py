@@ -155,6 +155,49 @@ class _Slot:
 class Session:
     """One proxied SMTP session, without I/O."""
 
+    # Slots: one Session per connection, so its size is per-connection memory.
+    __slots__ = (
+        "_annotated",
+        "_bdat_forward",
+        "_bdat_remaining",
+        "_bdat_tail",
+        "_body",
+        "_body_open",
+        "_body_reported",
+        "_client_buf",
+        "_client_done",
+        "_client_pipelining",
+        "_discarding_long_line",
+        "_early_reported",
+        "_enhanced",
+        "_errors",
+        "_events",
+        "_final",
+        "_held",
+        "_inflight",
+        "_line_bytes",
+        "_message_bytes",
+        "_parser",
+        "_possible",
+        "_rcpts",
+        "_replies_queued",
+        "_size_reported",
+        "_slots",
+        "_sync_reported",
+        "_text_line_reported",
+        "_tls_pending",
+        "_to_client",
+        "_to_upstream",
+        "_unknown",
+        "_upstream_pipelining",
+        "_upstream_replies",
+        "_violation_count",
+        "_violation_kinds",
+        "close_reason",
+        "options",
+        "state",
+    )
+
     def __init__(self, options: SessionOptions | None = None) -> None:
         self.options = options or SessionOptions()
         self.state = State(Phase.GREETING, tls=self.options.implicit_tls)
