@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import tracemalloc
 
-from smtpguard.protocol import Session, SessionOptions
+import test_session
+
 from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.rules import Phase, Verb
 from smtpguard.protocol.session import Forwarded, MessageDone, PolicyAction, Violation
@@ -21,25 +22,11 @@ EHLO_REPLY = (
 )
 
 
-class Peer:
-    """Drives a session: returns (bytes to the upstream, bytes to the client)."""
-
-    def __init__(self, **options: object) -> None:
-        self.s = Session(SessionOptions(**options))  # type: ignore[arg-type]
-
-    def client(self, data: bytes) -> tuple[bytes, bytes]:
-        self.s.receive_client(data)
-        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
-
-    def upstream(self, data: bytes) -> tuple[bytes, bytes]:
-        self.s.receive_upstream(data)
-        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
+class Peer(test_session.Peer):
+    """test_session's driver, with this file's EHLO reply and an envelope step."""
 
     def ready(self, ehlo_reply: bytes = EHLO_REPLY) -> None:
-        self.upstream(b"220 up ESMTP\r\n")
-        self.client(b"EHLO c\r\n")
-        self.upstream(ehlo_reply)
-        assert self.s.state.phase is Phase.READY
+        super().ready(ehlo_reply)
 
     def envelope(self) -> None:
         """MAIL and RCPT accepted, one at a time."""
