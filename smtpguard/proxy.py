@@ -329,7 +329,7 @@ class Connection:
                     data = session.take_upstream_bytes()
                     self.metrics.relayed_bytes("client_to_upstream", len(data))
                     try:
-                        await self.upstream.send_all(data)
+                        await _send(self.upstream, data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         session.upstream_eof()
                         self._observe_pending()
@@ -351,7 +351,7 @@ class Connection:
                     if since + self._send_timeout < self._wake_at:
                         self._wake(since + self._send_timeout)
                     try:
-                        await self.client.send_all(data)
+                        await _send(self.client, data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                         session.abort("client_closed")
                     finally:
@@ -612,16 +612,58 @@ class Connection:
 
 async def _read_fd(fd: int) -> bytes:
     """``SocketStream.receive_some`` for a plain socket, minus its layers (they
-    cost about 3 KiB per waiting connection): checkpoint, then read or wait."""
+    cost about 3 KiB per waiting connection): checkpoint, then read or wait.
+
+    A read that finds data at once yields to the other tasks only every
+    :data:`_EAGER_READS` times in a row (trio's own read yields every time: a
+    scheduler round per read, most of a small command's cost); a read that
+    has to wait yields anyway.
+    """
+    global _eager
     await trio.lowlevel.checkpoint_if_cancelled()
     got = _read_now(fd)
     if got is None:
+        _eager = 0
         while got is None:
             await trio.lowlevel.wait_readable(fd)
             got = _read_now(fd)
-    else:
+    elif _eager >= _EAGER_READS:
+        _eager = 0
         await trio.lowlevel.cancel_shielded_checkpoint()
+    else:
+        _eager += 1
     return got
+
+
+#: Reads in a row (process-wide) that may run on without letting other tasks
+#: in: enough to stream a message body in 64 KiB reads, few enough that no
+#: connection waits behind a busy one for long.
+_EAGER_READS = 16
+_eager = 0
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    """``stream.send_all(data)``; on a plain socket, straight to the kernel.
+
+    ``SocketStream.send_all`` yields to the scheduler after every send, even
+    when the kernel took everything at once (the usual case for a reply or a
+    command): here a send only waits, and yields, when the socket buffer is
+    full.  Errors are OSErrors, as the callers expect of a broken stream.
+    """
+    if type(stream) is not trio.SocketStream:
+        await stream.send_all(data)
+        return
+    fd = stream.socket.fileno()
+    view = memoryview(data)
+    while True:
+        try:
+            sent = os.write(fd, view)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(view):
+            return
+        view = view[sent:]
+        await trio.lowlevel.wait_writable(fd)
 
 
 def _connect_failure_reason(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ class UpstreamProtocolError(Exception):
     """The upstream sent something that is not an SMTP reply."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class UpstreamReply:
     """One complete (possibly multi-line) reply from the upstream."""
 
@@ -44,6 +44,13 @@ class ReplyParser:
     def feed(self, data: bytes | bytearray) -> list[UpstreamReply]:
         """Add bytes; return the replies they complete, in order."""
         buf = self._buf
+        if not buf and not self._lines:
+            # The usual case: one whole single-line reply in one read.
+            end = data.find(b"\n")
+            if end == len(data) - 1 and 5 < end < self._max_line_bytes and data[end - 1] == 13:
+                code_bytes = data[:3]
+                if data[3] == 32 and code_bytes.isdigit() and 200 <= int(code_bytes) <= 599:
+                    return [UpstreamReply(int(code_bytes), (bytes(data),))]
         buf += data
         replies: list[UpstreamReply] = []
         while True:

@@ -15,13 +15,13 @@ another (see :mod:`.body`).  Defaults follow Postfix 3.9.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 from .replies import Reply
+from .rules import FastEnum
 
 
-class Defence(enum.Enum):
+class Defence(FastEnum):
     """A defence: the closed label set of ``smtpguard_policy_actions_total``."""
 
     #: Commands out of sequence (the core's rule tables).

@@ -42,7 +42,18 @@ import enum
 from typing import NamedTuple
 
 
-class Verb(enum.Enum):
+class FastEnum(enum.Enum):
+    """An enum hashed by identity.
+
+    Members are singletons compared by identity, so identity is a valid
+    hash; enum's own ``__hash__`` is Python code, and the core hashes verbs,
+    phases and states (tuples of them) in every table look-up.
+    """
+
+    __hash__ = object.__hash__
+
+
+class Verb(FastEnum):
     """A client command, or a pseudo-step the upstream replies to."""
 
     #: Real SMTP verbs.
@@ -86,7 +97,7 @@ VERB_BY_NAME: dict[bytes, Verb] = {
 }
 
 
-class Phase(enum.Enum):
+class Phase(FastEnum):
     """Where the session stands."""
 
     #: Waiting for the upstream's greeting; nothing may be sent yet.
@@ -111,7 +122,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-class Framing(enum.Enum):
+class Framing(FastEnum):
     """How client bytes are read."""
 
     #: Command lines.
@@ -279,8 +290,20 @@ def _permitted(state: State, verb: Verb) -> str | None:
     return None
 
 
+_TRANSITION_CACHE: dict[tuple[State, Verb, int], State] = {}
+
+
 def transition(state: State, step: Verb, reply_class: int) -> State:
     """The state after the upstream answered ``step`` with ``reply_class``."""
+    key = (state, step, reply_class)
+    try:
+        return _TRANSITION_CACHE[key]
+    except KeyError:
+        result = _TRANSITION_CACHE[key] = _transition(state, step, reply_class)
+        return result
+
+
+def _transition(state: State, step: Verb, reply_class: int) -> State:
     if step is Verb.RSET:
         if reply_class == 2 and state.phase in RSET_ENDS:
             return state._replace(phase=Phase.READY)
@@ -310,3 +333,64 @@ def outcomes(state: State, step: Verb) -> frozenset[State]:
     except KeyError:
         result = _OUTCOMES_CACHE[key] = frozenset(transition(state, step, c) for c in REPLY_CLASSES)
         return result
+
+
+# Decisions over a *set* of possible states (the states the replies in flight
+# could lead to; one state when none is in flight).  The core asks these per
+# command; each is memoized on its arguments, which are hashable and drawn
+# from a small finite domain.  The caches are emptied if they ever grow past
+# _CACHE_LIMIT entries, so no client can make them grow without bound.
+
+#: A verdict that depends on a reply still in flight: hold the command.
+HOLD = "\0hold"
+
+_CACHE_LIMIT = 4096
+_VERDICTS: dict[tuple[frozenset[State], Verb], str | None] = {}
+_ADVANCE: dict[tuple[frozenset[State], Verb], frozenset[State]] = {}
+_FRAMINGS: dict[frozenset[State], Framing | None] = {}
+
+
+def verdict(possible: frozenset[State], verb: Verb) -> str | None:
+    """:func:`permitted` in every state of ``possible``: ``None`` if in sequence
+    in all, the expectation text if out of sequence in all (the same text),
+    :data:`HOLD` if that depends on which state the upstream's replies bring."""
+    key = (possible, verb)
+    try:
+        return _VERDICTS[key]
+    except KeyError:
+        pass
+    verdicts = {permitted(s, verb) for s in possible}
+    result = verdicts.pop() if len(verdicts) == 1 else HOLD
+    if len(_VERDICTS) >= _CACHE_LIMIT:
+        _VERDICTS.clear()
+    _VERDICTS[key] = result
+    return result
+
+
+def advance(possible: frozenset[State], step: Verb) -> frozenset[State]:
+    """The possible states once the upstream has also answered ``step``."""
+    key = (possible, step)
+    try:
+        return _ADVANCE[key]
+    except KeyError:
+        pass
+    result = frozenset(s2 for s in possible for s2 in outcomes(s, step))
+    if len(_ADVANCE) >= _CACHE_LIMIT:
+        _ADVANCE.clear()
+    _ADVANCE[key] = result
+    return result
+
+
+def framing_of(possible: frozenset[State]) -> Framing | None:
+    """How the next client bytes are framed in every state of ``possible``;
+    ``None`` if that depends on a reply in flight (or nothing is read yet)."""
+    try:
+        return _FRAMINGS[possible]
+    except KeyError:
+        pass
+    framings = {FRAMING[s.phase] for s in possible}
+    result = framings.pop() if len(framings) == 1 else None
+    if len(_FRAMINGS) >= _CACHE_LIMIT:
+        _FRAMINGS.clear()
+    _FRAMINGS[possible] = result
+    return result

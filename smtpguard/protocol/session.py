@@ -45,16 +45,17 @@ from .body import BodyFilter
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
 from .policy import Defence, Policy
 from .rules import (
-    FRAMING,
+    HOLD,
     LOCAL_ONLY,
     VERB_BY_NAME,
     Framing,
     Phase,
     State,
     Verb,
-    outcomes,
-    permitted,
+    advance,
+    framing_of,
     transition,
+    verdict,
 )
 
 #: EHLO keywords never passed to clients: identity commands for trusted
@@ -497,7 +498,7 @@ class Session:
     def _recompute_possible(self) -> None:
         possible = frozenset({self.state})
         for slot in self._inflight:
-            possible = frozenset(s2 for s in possible for s2 in outcomes(s, slot.step))
+            possible = advance(possible, slot.step)
         self._possible = possible
 
     def _on_upstream_reply(self, reply: UpstreamReply) -> None:
@@ -605,10 +606,7 @@ class Session:
         """How to read the next client bytes, or None if a reply must come first."""
         if self.state.phase is Phase.GREETING:
             return None  # no early talking to the upstream
-        framings = {FRAMING[s.phase] for s in self._possible}
-        if len(framings) != 1:
-            return None
-        return framings.pop()
+        return framing_of(self._possible)
 
     def _process_client(self) -> None:
         buf = self._client_buf
@@ -778,10 +776,9 @@ class Session:
         if verb in LOCAL_ONLY:
             self._local(verb, R.UNKNOWN_COMMAND)
             return True
-        verdicts = {permitted(s, verb) for s in self._possible}
-        if len(verdicts) != 1:
+        expected = verdict(self._possible, verb)
+        if expected is HOLD:
             return False  # depends on a reply still in flight
-        expected = verdicts.pop()
         if verb is Verb.BDAT:
             return self._bdat(line, expected)
         local_answer = (verb is Verb.HELP and self.options.help_local) or verb is Verb.STARTTLS
@@ -900,7 +897,7 @@ class Session:
         slot = _Slot(verb, step)
         self._queue(slot)
         self._inflight.append(slot)
-        self._possible = frozenset(s2 for s in self._possible for s2 in outcomes(s, step))
+        self._possible = advance(self._possible, step)
         self._events.append(Forwarded(step))
 
     def _help(self, line: bytes) -> None:
