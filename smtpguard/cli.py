@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -44,12 +45,27 @@ async def serve(config: Config, path: str | None = None) -> None:
     In a worker (``workers: N``) the listeners share their ports with the
     other workers (SO_REUSEPORT) and the supervisor serves the metrics.
     """
-    from .sink import serve_sink
-    from .workers import UPSTREAM_ENV, WORKER_ENV
+    from .workers import WORKER_ENV
 
     worker = os.environ.get(WORKER_ENV)
     metrics = Metrics()
     metrics.config_loaded(True)
+    # Signals are ours from the start (a SIGTERM while starting is a clean stop).
+    signals_cm = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    with signals_cm as signals:
+        await _serve(config, path, worker, metrics, signals)
+
+
+async def _serve(
+    config: Config,
+    path: str | None,
+    worker: str | None,
+    metrics: Metrics,
+    signals: AsyncIterator[int],
+) -> None:
+    from .sink import serve_sink
+    from .workers import UPSTREAM_ENV
+
     async with trio.open_nursery() as nursery:
         upstream = config.upstream
         if upstream is None and os.environ.get(UPSTREAM_ENV):
@@ -79,23 +95,22 @@ async def serve(config: Config, path: str | None = None) -> None:
             )
             print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
         _notify(b"READY=1")
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    _reload(proxy, metrics, config, path)
-                    continue
-                log.info(
-                    "stopping",
-                    extra=fields(
-                        signal=signal.Signals(signum).name,
-                        grace_seconds=config.shutdown_grace_seconds,
-                    ),
-                )
-                _notify(b"STOPPING=1")
-                with trio.move_on_after(config.shutdown_grace_seconds + 15):
-                    await proxy.stop(config.shutdown_grace_seconds)
-                nursery.cancel_scope.cancel()
-                break
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                _reload(proxy, metrics, config, path)
+                continue
+            log.info(
+                "stopping",
+                extra=fields(
+                    signal=signal.Signals(signum).name,
+                    grace_seconds=config.shutdown_grace_seconds,
+                ),
+            )
+            _notify(b"STOPPING=1")
+            with trio.move_on_after(config.shutdown_grace_seconds + 15):
+                await proxy.stop(config.shutdown_grace_seconds)
+            nursery.cancel_scope.cancel()
+            break
 
 
 def _notify(message: bytes) -> None:

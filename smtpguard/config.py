@@ -121,7 +121,8 @@ class Config:
     upstream_tls_ca_file: str | None = None
     #: Name to verify the upstream's certificate against (default: its host).
     upstream_tls_server_name: str | None = None
-    #: Worker processes sharing the listening sockets (1: no supervisor).
+    #: Worker processes sharing the listening sockets (1: no supervisor).  A
+    #: config file without ``workers`` gets one per core (see :func:`cores`).
     workers: int = 1
     #: SIGTERM: how long sessions in flight may take before they get 421 4.3.2.
     shutdown_grace_seconds: float = 30.0
@@ -243,10 +244,19 @@ def _lines(key: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _workers(value: object) -> int:
-    """``workers``: a count, or ``auto`` for one per core."""
-    if value == "auto":
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container's
+    cpuset limits it), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
+
+
+def _workers(value: object) -> int:
+    """``workers``: a count, or ``auto`` (the default) for one per core."""
+    if value == "auto":
+        return cores()
     number = int(_number("workers", value, 1, True))
     if number > 256:
         raise ConfigError("workers", f"must be at most 256, got {number}")
@@ -540,7 +550,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         upstream=upstream,
         upstreams=tuple(upstreams),
         upstream_tls=up_tls_mode,
-        workers=_workers(raw.get("workers", 1)),
+        workers=_workers(raw.get("workers", "auto")),
         upstream_tls_ca_file=ca_file,
         upstream_tls_server_name=server_name,
         upstream_selection=selection,

@@ -557,6 +557,7 @@ class Connection:
 
     async def _pump_client(self) -> None:
         session = self.session
+        drained = False
         while True:
             while not session.wants_client_bytes:
                 room = self._room = trio.Event()
@@ -566,7 +567,8 @@ class Connection:
             client = self.client
             if self.tls_context is None and type(client) is trio.SocketStream:
                 # No STARTTLS can take the stream over: no cancel scope.
-                data: bytes | bytearray = await _read_fd(client.socket.fileno())
+                data: bytes | bytearray = await _read_fd(client.socket.fileno(), drained)
+                drained = len(data) < READ_BYTES
             else:
                 with trio.CancelScope() as scope:
                     self._recv_scope = scope
@@ -590,9 +592,11 @@ class Connection:
         session = self.session
         upstream = self.upstream
         fd = upstream.socket.fileno() if type(upstream) is trio.SocketStream else -1
+        drained = False
         while True:
             if fd >= 0:
-                data: bytes | bytearray = await _read_fd(fd)
+                data: bytes | bytearray = await _read_fd(fd, drained)
+                drained = len(data) < READ_BYTES
             else:
                 try:
                     data = await upstream.receive_some(READ_BYTES)
@@ -610,16 +614,26 @@ class Connection:
             await self._settle()
 
 
-async def _read_fd(fd: int) -> bytes:
+async def _read_fd(fd: int, drained: bool) -> bytes:
     """``SocketStream.receive_some`` for a plain socket, minus its layers (they
-    cost about 3 KiB per waiting connection): checkpoint, then read or wait.
+    cost about 3 KiB per waiting connection).
 
-    A read that finds data at once yields to the other tasks only every
-    :data:`_EAGER_READS` times in a row (trio's own read yields every time: a
-    scheduler round per read, most of a small command's cost); a read that
-    has to wait yields anyway.
+    ``drained``: the last read emptied the socket (it got less than it asked
+    for), as it does after each command or reply of a request-response
+    exchange: wait for readiness first instead of trying a read that fails
+    with EAGAIN.  Otherwise try first; a read that finds data at once yields
+    to the other tasks only every :data:`_EAGER_READS` times in a row (trio's
+    own read yields every time: a scheduler round per read).
     """
     global _eager
+    if drained:
+        _eager = 0
+        await trio.lowlevel.wait_readable(fd)
+        got = _read_now(fd)
+        while got is None:
+            await trio.lowlevel.wait_readable(fd)
+            got = _read_now(fd)
+        return got
     await trio.lowlevel.checkpoint_if_cancelled()
     got = _read_now(fd)
     if got is None:

@@ -72,63 +72,77 @@ async def supervise(config: Config, argv: list[str]) -> None:
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     procs: dict[int, trio.Process] = {}
     stopping = False
+    # Signals are ours from the start: a SIGTERM while the workers start
+    # stops them gracefully instead of killing the supervisor alone.
+    signals_cm = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:
-        async with trio.open_nursery() as nursery:
-            upstream = config.upstream
-            if upstream is None:
-                host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
-                upstream = Address(host, port)
-                env[UPSTREAM_ENV] = str(upstream)
-                print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
-
-            async def worker(index: int) -> None:
-                while True:
-                    proc = await trio.lowlevel.open_process(
-                        [sys.executable, "-m", "smtpguard", *argv],
-                        env={**env, WORKER_ENV: str(index)},
+        with signals_cm as signals:
+            async with trio.open_nursery() as nursery:
+                upstream = config.upstream
+                if upstream is None:
+                    host, port = await nursery.start(
+                        serve_sink, config.sink_directory, "127.0.0.1", 0
                     )
-                    procs[index] = proc
-                    log.info("worker started", extra=fields(worker=index, pid=proc.pid))
-                    code = await proc.wait()
-                    multiprocess.mark_process_dead(proc.pid, folder)  # type: ignore[no-untyped-call]
-                    if stopping:
-                        return
-                    log.error(
-                        "worker died, restarting",
-                        extra=fields(worker=index, pid=proc.pid, exit_code=code),
+                    upstream = Address(host, port)
+                    env[UPSTREAM_ENV] = str(upstream)
+                    print(
+                        f"smtpguard: messages will be stored in {config.sink_directory}",
+                        flush=True,
                     )
-                    await trio.sleep(RESTART_DELAY_SECONDS)
 
-            for index in range(config.workers):
-                nursery.start_soon(worker, index)
-            if config.metrics_listen is not None:
-                address = config.metrics_listen
-                reachable = upstream
+                async def worker(index: int) -> None:
+                    while not stopping:
+                        proc = await trio.lowlevel.open_process(
+                            [sys.executable, "-m", "smtpguard", *argv],
+                            env={**env, WORKER_ENV: str(index)},
+                        )
+                        procs[index] = proc
+                        if stopping:  # the stop came while it started
+                            proc.send_signal(signal.SIGTERM)
+                        log.info("worker started", extra=fields(worker=index, pid=proc.pid))
+                        code = await proc.wait()
+                        multiprocess.mark_process_dead(proc.pid, folder)  # type: ignore[no-untyped-call]
+                        if stopping:
+                            return
+                        log.error(
+                            "worker died, restarting",
+                            extra=fields(worker=index, pid=proc.pid, exit_code=code),
+                        )
+                        await trio.sleep(RESTART_DELAY_SECONDS)
 
-                async def ready() -> bool:
-                    return bool(procs) and await _upstream_reachable(reachable)
+                async def announce() -> None:
+                    if await _wait_listening(config.listen[0], 30) and not stopping:
+                        print(
+                            f"smtpguard: {config.workers} workers listening on {config.listen[0]}",
+                            flush=True,
+                        )
+                        _notify(b"READY=1")
 
-                port = await nursery.start(
-                    serve_http, AggregatedMetrics(folder), address.host, address.port, ready
-                )
-                print(
-                    f"smtpguard: metrics on http://{Address(address.host, port)}/metrics",
-                    flush=True,
-                )
-            if await _wait_listening(config.listen[0], 30):
-                print(
-                    f"smtpguard: {config.workers} workers listening on {config.listen[0]}",
-                    flush=True,
-                )
-                _notify(b"READY=1")
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                for index in range(config.workers):
+                    nursery.start_soon(worker, index)
+                if config.metrics_listen is not None:
+                    address = config.metrics_listen
+                    reachable = upstream
+
+                    async def ready() -> bool:
+                        return bool(procs) and await _upstream_reachable(reachable)
+
+                    port = await nursery.start(
+                        serve_http, AggregatedMetrics(folder), address.host, address.port, ready
+                    )
+                    print(
+                        f"smtpguard: metrics on http://{Address(address.host, port)}/metrics",
+                        flush=True,
+                    )
+                nursery.start_soon(announce)
                 async for signum in signals:
+                    if signum != signal.SIGHUP:
+                        stopping = True  # before signalling: no worker is restarted
                     for proc in list(procs.values()):
                         if proc.returncode is None:
                             proc.send_signal(signal.SIGHUP if signum == signal.SIGHUP else signum)
                     if signum == signal.SIGHUP:
                         continue
-                    stopping = True
                     _notify(b"STOPPING=1")
                     log.info("stopping workers", extra=fields(workers=len(procs)))
                     with trio.move_on_after(config.shutdown_grace_seconds + 20):

@@ -20,6 +20,9 @@ class Guard:
     """smtpguard in a child process, on free loopback ports."""
 
     def __init__(self, upstream: str | None, **extra: Any) -> None:
+        """``extra``: config keys.  ``workers`` is 1 unless given (one process,
+        as most tests assume: per-client limits, one log); ``workers=None``
+        leaves it out, so the default (one per core) applies."""
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="smtpguard-e2e-"))
         self.port = free_port()
         self.metrics_port = free_port()
@@ -28,8 +31,11 @@ class Guard:
             "listen": f"127.0.0.1:{self.port}",
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "sink": {"directory": str(self.dir / "mail")},
+            "workers": 1,
             **extra,
         }
+        if self.config["workers"] is None:
+            del self.config["workers"]
         if upstream is not None:
             self.config["upstream"] = upstream
         self.config_path = self.dir / "smtpguard.yaml"
@@ -51,8 +57,16 @@ class Guard:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"smtpguard exited: {self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.metrics_port), timeout=1):
-                    return self
+                # One process opens its metrics port after its listeners; with
+                # workers the supervisor's comes first: then wait for the
+                # workers' SMTP port too.
+                ports = [self.metrics_port]
+                if self.config.get("workers") != 1:
+                    ports.append(self.port)
+                for port in ports:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        pass
+                return self
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"smtpguard did not start: {self.log()}")

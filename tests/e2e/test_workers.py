@@ -78,3 +78,22 @@ def _zombie(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_default_is_one_worker_per_core(postfix: Postfix) -> None:
+    """No ``workers`` key: one worker per core this process may use, all serving."""
+    want = len(os.sched_getaffinity(0))
+    with Guard(f"{postfix.host}:{postfix.port}", workers=None) as guard:
+        assert "workers" not in guard.config
+        deadline = time.monotonic() + 15
+        while len(worker_pids(guard.log())) < want:
+            assert time.monotonic() < deadline, guard.log()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        pids = worker_pids(guard.log())
+        assert sorted(pids) == [str(i) for i in range(want)]
+        for pid in pids.values():
+            assert os.path.exists(f"/proc/{pid}")
+        for _ in range(5):
+            session(guard.port)
+        assert guard.metric("smtpguard_sessions_closed_total", reason="quit") == 5

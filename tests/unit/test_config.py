@@ -22,6 +22,18 @@ def test_defaults_are_a_quick_start() -> None:
     assert c.session.max_line_bytes == 512
 
 
+def test_workers_default_to_one_per_usable_core() -> None:
+    import os
+
+    usable = len(os.sched_getaffinity(0))
+    assert load({}).workers == usable
+    assert load({"workers": "auto"}).workers == usable
+    assert load({"workers": 3}).workers == 3
+    with pytest.raises(ConfigError) as err:
+        load({"workers": 0})
+    assert err.value.key == "workers"
+
+
 def test_full_example_config_loads() -> None:
     c = load_file(REPO / "config" / "smtpguard.yaml")
     assert c.listen == (Address("0.0.0.0", 25), Address("::", 25))
