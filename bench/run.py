@@ -162,8 +162,27 @@ def wait_for_text(path: Path, text: str, children: Children, name: str) -> None:
     raise BenchError(f"{name} did not print {text!r} within {START_TIMEOUT:g}s")
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM etc. of ``pid`` in KiB."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (smtpguard with ``workers`` is a supervisor
+    and one process per worker)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, ()))
+    return tree
+
+
+def _status_one(pid: int) -> dict[str, int]:
     values: dict[str, int] = {}
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -176,14 +195,27 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time ``pid`` has used so far (0.0 if it is gone)."""
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM etc. in KiB, summed over ``pid`` and its descendants."""
+    total: dict[str, int] = {}
+    for p in process_tree(pid):
+        for key, value in _status_one(p).items():
+            total[key] = total.get(key, 0) + value
+    return total
+
+
+def _cpu_one(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return 0.0
     # After "pid (comm)": state is field 3, utime field 14, stime field 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` and its descendants have used so far."""
+    return sum(_cpu_one(p) for p in process_tree(pid))
 
 
 def tool_version(argv: list[str]) -> str:
@@ -437,7 +469,7 @@ backend sink
     server sink {host}:{sink_port}
 """
 
-WORKERS = 1  # smtpguard's `workers:` (--workers)
+WORKERS: int | None = None  # smtpguard's `workers:` (--workers; None: its default)
 
 SMTPGUARD_CFG = """\
 listen: {host}:{port}
@@ -449,8 +481,7 @@ limits:
   # cap (50 by default, like Postfix) for the idle-connection test.
   max_connections: 100000
   max_connections_per_client: 100000
-workers: {workers}
-"""
+{workers}"""
 
 
 @dataclass
@@ -498,7 +529,7 @@ def start_all(children: Children, tmp: Path, idle: int) -> Setup:
             port=smtpguard_port,
             sink_port=sink_port,
             metrics_port=metrics_port,
-            workers=WORKERS,
+            workers="" if WORKERS is None else f"workers: {WORKERS}\n",
         )
     )
     guard = children.start(
@@ -594,8 +625,9 @@ def markdown(results: list[ScenarioResult], extra: dict[str, Any]) -> str:
     lines.append(
         "ratio = median over pairs of (smtpguard time / haproxy time); 1.0 = as fast as "
         "HAProxy, lower is better. MB = 10^6 bytes of message body. Relay CPU = median "
-        "user+system CPU seconds the relay process used during a run (smtpguard is one "
-        "Python thread: CPU close to the wall time means it is CPU-bound)."
+        "user+system CPU seconds the relay used during a run, summed over its processes "
+        "(each smtpguard worker is one Python thread: CPU close to workers x wall time "
+        "means it is CPU-bound)."
     )
     return "\n".join(lines) + "\n"
 
@@ -769,6 +801,8 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         f"# smtpguard vs HAProxy (mode tcp) -> smtp-sink, {mode} run {stamp}\n\n"
         f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{tool_version(['haproxy', '-v'])}\n\n"
+        f"smtpguard workers: {WORKERS if WORKERS is not None else 'default (one per core)'}; "
+        f"its CPU and memory are summed over its processes (supervisor and workers).\n\n"
     )
     table = markdown(results, extra)
     table += checks_text(results, failures, warnings, aborted, sent, sink.counters()[2])
@@ -785,6 +819,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         "mode": mode,
         "stamp": stamp,
         "repeats": args.repeats,
+        "smtpguard_workers": WORKERS,
         "host": {"node": platform.node(), "cpus": os.cpu_count(), "fd_limit": fd_limit},
         "versions": {
             "python": platform.python_version(),
@@ -816,7 +851,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="run only this scenario (repeatable)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     parser.add_argument(
-        "--workers", type=int, default=1, help="smtpguard worker processes (default 1)"
+        "--workers",
+        type=int,
+        help="smtpguard worker processes (default: smtpguard's own, one per core)",
     )
     args = parser.parse_args(argv)
     if args.repeats is None:
@@ -824,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
     global WORKERS
     WORKERS = args.workers
     if args.idle is None:
-        args.idle = 500 if args.quick else 2000
+        args.idle = 500 if args.quick else 10000
     if not 1 <= args.repeats <= 50:
         parser.error("--repeats must be 1-50")
     if not 0 <= args.idle <= 10000:
