@@ -300,9 +300,8 @@ class Connection:
                 await self._pump_upstream()
         finally:
             self._stop_watching()
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.upstream)
-                await trio.aclose_forcefully(self.client)
+            await _close_stream(self.upstream)
+            await _close_stream(self.client)
 
     # Every path that changes the session ends here: one place writes,
     # re-arms the deadline and closes.  Bytes are taken inside the writer's
@@ -614,6 +613,16 @@ class Connection:
             await self._settle()
 
 
+async def _close_stream(stream: trio.abc.Stream) -> None:
+    """``trio.aclose_forcefully``; a plain socket is closed at once (no cancel
+    scope, no checkpoint: a connection's last steps, run for every one)."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+        return
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)
+
+
 async def _read_fd(fd: int, drained: bool) -> bytes:
     """``SocketStream.receive_some`` for a plain socket, minus its layers (they
     cost about 3 KiB per waiting connection).
@@ -678,6 +687,25 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
             return
         view = view[sent:]
         await trio.lowlevel.wait_writable(fd)
+
+
+async def _open_tcp(address: Address) -> trio.SocketStream:
+    """Connect to ``address``.  An IP address is connected to directly: trio's
+    ``open_tcp_stream`` (happy eyeballs: a nursery and a task per attempt)
+    is for names, and costs as much as a short session's SMTP work."""
+    try:
+        family = (
+            socket.AF_INET6 if ipaddress.ip_address(address.host).version == 6 else socket.AF_INET
+        )
+    except ValueError:
+        return await trio.open_tcp_stream(address.host, address.port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((address.host, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 def _connect_failure_reason(exc: BaseException) -> str:
@@ -759,7 +787,7 @@ class Proxy:
             address = upstreams[index]
             try:
                 with trio.fail_after(self.config.timeouts.connect_seconds):
-                    stream = await trio.open_tcp_stream(address.host, address.port)
+                    stream = await _open_tcp(address)
             except (OSError, trio.TooSlowError) as exc:
                 self.metrics.upstream_up.labels(str(index)).set(0)
                 if k + 1 < len(upstreams):
@@ -798,7 +826,8 @@ class Proxy:
         tls_context = self._tls_context
         conn: Connection | None = None
         opened = trio.current_time()
-        log.debug("connect", extra=fields(conn=conn_id, client=peer))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("connect", extra=fields(conn=conn_id, client=peer))
         self._connections[client_host] += 1
         self._total_connections += 1
         try:
@@ -894,16 +923,23 @@ class Proxy:
             self._total_connections -= 1
             reason = session.close_reason or "internal_error"
             metrics.session_closed(reason)
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(client)
-            summary: dict[str, object] = {"conn": conn_id, "client": peer, "reason": reason}
-            if conn is not None:
-                summary.update(conn.tls_info)
-                summary.update(conn.summary.fields())
-                summary["bytes_in"] = conn.bytes_from_client
-                summary["bytes_out"] = conn.bytes_to_client
-            summary["duration_seconds"] = round(trio.current_time() - opened, 3)
-            log.info("disconnect", extra=fields(**summary))
+            await _close_stream(client)
+            if log.isEnabledFor(logging.INFO):
+                self._log_summary(conn, conn_id, peer, reason, opened)
+
+    @staticmethod
+    def _log_summary(
+        conn: Connection | None, conn_id: int, peer: str, reason: str, opened: float
+    ) -> None:
+        """The session's one summary line (Postfix style counts, bytes, TLS)."""
+        summary: dict[str, object] = {"conn": conn_id, "client": peer, "reason": reason}
+        if conn is not None:
+            summary.update(conn.tls_info)
+            summary.update(conn.summary.fields())
+            summary["bytes_in"] = conn.bytes_from_client
+            summary["bytes_out"] = conn.bytes_to_client
+        summary["duration_seconds"] = round(trio.current_time() - opened, 3)
+        log.info("disconnect", extra=fields(**summary))
 
     async def _admit(
         self, client: trio.abc.Stream, session: Session, host: str, conn_id: int, peer: str
@@ -1025,6 +1061,15 @@ class Proxy:
             client_addr = local_addr = None
         client: trio.abc.Stream = stream
         awaiting_header = spec.proxy_protocol
+        if not spec.proxy_protocol and spec.tls != "implicit":
+            await self.handle(
+                client,
+                _show(client_addr),
+                client_addr[0] if client_addr else "-",
+                client_addr=client_addr,
+                local_addr=local_addr,
+            )
+            return
         try:
             with trio.fail_after(self.config.timeouts.connect_seconds):
                 if spec.proxy_protocol:
