@@ -52,8 +52,11 @@ async def serve(config: Config, path: str | None = None) -> None:
     metrics.config_loaded(True)
     # Signals are ours from the start (a SIGTERM while starting is a clean stop).
     signals_cm = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    with signals_cm as signals:
-        await _serve(config, path, worker, metrics, signals)
+    try:
+        with signals_cm as signals:
+            await _serve(config, path, worker, metrics, signals)
+    finally:
+        metrics.flush()  # a worker's last increments reach its metrics file
 
 
 async def _serve(
@@ -78,6 +81,8 @@ async def _serve(
                 extra=fields(upstream=str(upstream), directory=str(config.sink_directory)),
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
+        if worker is not None:
+            nursery.start_soon(metrics.flush_every, 1.0)
         proxy = Proxy(config, metrics, upstream, reuse_port=worker is not None)
         listeners = await nursery.start(proxy.serve)
         for listener in listeners:

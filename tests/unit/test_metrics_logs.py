@@ -94,6 +94,42 @@ def test_every_decision_moves_its_series() -> None:
     assert sample(registry, "smtpguard_upstream_connect_failures_total", reason="timeout") == 1
 
 
+def test_batched_counters_are_never_missed_by_a_scrape() -> None:
+    """Per-command counters are batched; a collection flushes the batch first."""
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    _, events = drive([("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO)])
+    m.observe(events)  # type: ignore[arg-type]
+    m.relayed_bytes("client_to_upstream", 7)
+    assert m._pending  # batched, not yet in prometheus-client's values
+    assert sample(registry, "smtpguard_commands_forwarded_total", command="EHLO") == 1
+    assert sample(registry, "smtpguard_bytes_total", direction="client_to_upstream") == 7
+    assert not m._pending
+    m.relayed_bytes("client_to_upstream", 5)
+    assert b'smtpguard_bytes_total{direction="client_to_upstream"} 12.0' in m.exposition()
+    # A session's end flushes too (a worker's files are read without a scrape).
+    m.relayed_bytes("upstream_to_client", 3)
+    m.session_opened()
+    m.session_closed("quit")
+    assert not m._pending
+
+
+async def test_workers_flush_periodically_and_on_exit(autojump_clock: object) -> None:
+    import trio
+
+    m = Metrics(CollectorRegistry())
+    flushed = m._bytes["client_to_upstream"]
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(m.flush_every, 1.0)
+            m.relayed_bytes("client_to_upstream", 4)
+            await trio.sleep(1.5)
+            assert not m._pending and flushed._value.get() == 4
+            m.relayed_bytes("client_to_upstream", 6)
+            scope.cancel()
+    assert flushed._value.get() == 10  # the last batch, flushed on the way out
+
+
 def test_exposition_has_no_addresses() -> None:
     registry = CollectorRegistry()
     m = Metrics(registry)
