@@ -315,49 +315,55 @@ class Connection:
         if switching and self._recv_scope is not None:
             # The client pump must not read the handshake as plaintext.
             self._recv_scope.cancel()
+        # Bytes first, bookkeeping after: the peer starts on a command (or
+        # the client on a reply) while the metrics and logs are done.  Only
+        # the forwarding times are taken now (a reply could come while a
+        # send waits, and must find its command's time).
         events = session.take_events()
-        if events:
-            self._observe(events)
-        if session.has_upstream_bytes:
-            turn = self._upstream_lock
-            if turn.busy:
-                await turn.wait()
-            turn.busy = True
-            try:
-                while session.has_upstream_bytes:
-                    data = session.take_upstream_bytes()
-                    self.metrics.relayed_bytes("client_to_upstream", len(data))
-                    try:
-                        await _send(self.upstream, data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        session.upstream_eof()
-                        self._observe_pending()
-            finally:
-                turn.release()
-        if session.has_client_bytes:
-            turn = self._client_lock
-            if turn.busy:
-                await turn.wait()
-            turn.busy = True
-            try:
-                while session.has_client_bytes:
-                    data = session.take_client_bytes()
-                    self.bytes_to_client += len(data)
-                    self.metrics.relayed_bytes("upstream_to_client", len(data))
-                    # The send's deadline is kept by the watchdog (no cancel
-                    # scope per send): make sure it wakes in time for it.
-                    since = self._client_send_since = trio.current_time()
-                    if since + self._send_timeout < self._wake_at:
-                        self._wake(since + self._send_timeout)
-                    try:
-                        await _send(self.client, data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        session.abort("client_closed")
-                    finally:
-                        self._client_send_since = None
-                    self._observe_pending()
-            finally:
-                turn.release()
+        taken_at = self._stamp(events) if events else -1.0
+        try:
+            if session.has_upstream_bytes:
+                turn = self._upstream_lock
+                if turn.busy:
+                    await turn.wait()
+                turn.busy = True
+                try:
+                    while session.has_upstream_bytes:
+                        data = session.take_upstream_bytes()
+                        try:
+                            await _send(self.upstream, data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            session.upstream_eof()
+                        self.metrics.relayed_bytes("client_to_upstream", len(data))
+                finally:
+                    turn.release()
+            if session.has_client_bytes:
+                turn = self._client_lock
+                if turn.busy:
+                    await turn.wait()
+                turn.busy = True
+                try:
+                    while session.has_client_bytes:
+                        data = session.take_client_bytes()
+                        # The send's deadline is kept by the shared timer (no
+                        # cancel scope per send): make sure it wakes in time.
+                        since = self._client_send_since = trio.current_time()
+                        if since + self._send_timeout < self._wake_at:
+                            self._wake(since + self._send_timeout)
+                        try:
+                            await _send(self.client, data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                            session.abort("client_closed")
+                        finally:
+                            self._client_send_since = None
+                        self.bytes_to_client += len(data)
+                        self.metrics.relayed_bytes("upstream_to_client", len(data))
+                finally:
+                    turn.release()
+        finally:
+            if events:
+                self._observe(events, taken_at)
+            self._observe_pending()
         if session.closed:
             await self._close()
             return
@@ -426,16 +432,26 @@ class Connection:
         if events:
             self._observe(events)
 
-    def _observe(self, events: list[Event]) -> None:
+    def _stamp(self, events: list[Event]) -> float:
+        """Note when each forwarded command went (for the reply latency);
+        returns the time now if a command went or a reply came, else -1."""
         now = -1.0
         for event in events:
             if type(event) is Forwarded:
                 if now < 0:
                     now = trio.current_time()
                 self._sent_at.append(now)
-            elif type(event) is UpstreamReplied:
-                if now < 0:
-                    now = trio.current_time()
+            elif type(event) is UpstreamReplied and now < 0:
+                now = trio.current_time()
+        return now
+
+    def _observe(self, events: list[Event], now: float | None = None) -> None:
+        """Metrics, logs and summary for ``events``; ``now``: what :meth:`_stamp`
+        returned when they were taken (None: stamp them now)."""
+        if now is None:
+            now = self._stamp(events)
+        for event in events:
+            if type(event) is UpstreamReplied:
                 if event.step is Verb.GREETING:
                     self.metrics.reply_latency(event.step, now - self._opened_at)
                 elif self._sent_at:
