@@ -443,6 +443,11 @@ def idle_connections(port: int, pid: int, count: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- setup
 
 
+def haproxy_maxconn() -> int:
+    """As many connections as HAProxy's descriptor limit allows (two each)."""
+    return max(100, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 400) // 2)
+
+
 def raise_fd_limit() -> int:
     """Soft limit up to the hard one; as root, both up to 65536 if lower (one
     smtpguard process holds two descriptors per idle connection: 10,000 idle
@@ -460,7 +465,7 @@ def raise_fd_limit() -> int:
 
 HAPROXY_CFG = """\
 global
-    maxconn 25000
+    maxconn {maxconn}
 
 defaults
     mode tcp
@@ -522,7 +527,9 @@ def start_all(children: Children, tmp: Path, idle: int) -> Setup:
 
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(
-        HAPROXY_CFG.format(host=HOST, port=haproxy_port, sink_port=sink_port),
+        HAPROXY_CFG.format(
+            host=HOST, port=haproxy_port, sink_port=sink_port, maxconn=haproxy_maxconn()
+        ),
     )
     haproxy = children.start(
         "haproxy", ["haproxy", "-f", str(cfg), "-db"], tmp / "haproxy.out", tmp / "haproxy.err"
@@ -686,7 +693,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
             per_process * guard_procs * 9 // 10 if guard_procs > 1 else per_process,
             fd_limit - 500,
         ),
-        "haproxy": min(args.idle, per_process),
+        "haproxy": min(args.idle, haproxy_maxconn() - 100),
     }
     idle_count = max(idle_counts.values())
     setup = start_all(children, tmp, idle_count)
