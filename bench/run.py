@@ -378,6 +378,50 @@ def run_source(
     )
 
 
+# --------------------------------------------------------------------------- command latency
+
+#: Commands per latency run: one session, each sent after the last reply.
+LATENCY_COMMANDS = 2000
+
+
+def command_latency(port: int, commands: int) -> list[float]:
+    """Round-trip times (microseconds) of ``commands`` commands sent one at a
+    time in one session (after the greeting and EHLO): a transaction's
+    commands in turn (MAIL, RCPT, RSET), which the relay forwards and the
+    sink answers.  Raises BenchError on any unexpected reply."""
+    script = (b"MAIL FROM:<s@bench.example>\r\n", b"RCPT TO:<r@bench.example>\r\n", b"RSET\r\n")
+    times: list[float] = []
+    with socket.create_connection((HOST, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+
+        def reply() -> bytes:
+            while True:
+                line = reader.readline()
+                if not line.startswith((b"2", b"3")) or len(line) < 4:
+                    raise BenchError(f"latency run: unexpected reply {line!r}")
+                if line[3:4] != b"-":
+                    return line
+
+        reply()
+        sock.sendall(b"EHLO bench.example\r\n")
+        reply()
+        for i in range(commands):
+            command = script[i % len(script)]
+            started = time.perf_counter_ns()
+            sock.sendall(command)
+            reply()
+            times.append((time.perf_counter_ns() - started) / 1000)
+        sock.sendall(b"QUIT\r\n")
+        reply()
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 # --------------------------------------------------------------------------- idle connections
 
 
@@ -562,6 +606,9 @@ def start_all(children: Children, tmp: Path, idle: int) -> Setup:
         tmp / "smtpguard.err",
     )
     wait_for_text(tmp / "smtpguard.out", "smtpguard: listening on", children, "smtpguard")
+    # The probe connection to HAProxy reached smtp-sink: let that session end
+    # (and be counted) before the warm-up counts sessions.
+    Sink(tmp / "sink.counters").wait_for(1, 0)
     return Setup(
         tmp=tmp,
         sink=Sink(tmp / "sink.counters"),
@@ -595,12 +642,36 @@ def scrape_metrics(port: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- report
 
 
+def latency_summary(latency: dict[str, list[list[float]]]) -> dict[str, Any] | None:
+    """Medians over the runs of each run's p50 and p99, per path, and the
+    paired ratios (smtpguard / haproxy) of p50 and p99."""
+    runs_h, runs_g = latency.get("haproxy", []), latency.get("smtpguard", [])
+    pairs = list(zip(runs_h, runs_g, strict=False))  # a run cut short: fewer
+    if not pairs:
+        return None
+    out: dict[str, Any] = {"pairs": len(pairs), "commands": len(pairs[0][0])}
+    for q, name in ((0.5, "p50"), (0.99, "p99")):
+        hs = [percentile(h, q) for h, _ in pairs]
+        gs = [percentile(g, q) for _, g in pairs]
+        out[name] = {
+            "haproxy_us": statistics.median(hs),
+            "smtpguard_us": statistics.median(gs),
+            "added_us": statistics.median(g - h for h, g in zip(hs, gs, strict=True)),
+            "ratio": statistics.median(g / h for h, g in zip(hs, gs, strict=True) if h > 0),
+        }
+    return out
+
+
 def markdown(results: list[ScenarioResult], extra: dict[str, Any]) -> str:
-    lines = [
-        "| scenario | pairs | haproxy median s | smtpguard median s | ratio sg/hap (min-max) "
-        "| haproxy msg/s, MB/s | smtpguard msg/s, MB/s | relay CPU s haproxy / smtpguard |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = (
+        []
+        if not results
+        else [
+            "| scenario | pairs | haproxy median s | smtpguard median s | ratio sg/hap (min-max) "
+            "| haproxy msg/s, MB/s | smtpguard msg/s, MB/s | relay CPU s haproxy / smtpguard |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for res in results:
         sc = res.scenario
         if not res.complete():
@@ -616,6 +687,22 @@ def markdown(results: list[ScenarioResult], extra: dict[str, Any]) -> str:
             f"| {g['msgs_per_s']:.0f}, {g['mb_per_s']:.1f} "
             f"| {h['median_cpu_s']:.2f} / {g['median_cpu_s']:.2f} |"
         )
+    lat = extra.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"Added latency per command (one session, {lat['commands']} commands sent one at "
+            f"a time: MAIL, RCPT, RSET in turn; {lat['pairs']} pairs; medians over the runs):",
+            "",
+            "| percentile | haproxy us | smtpguard us | added us | ratio sg/hap |",
+            "|---|---|---|---|---|",
+        ]
+        for name in ("p50", "p99"):
+            q = lat[name]
+            lines.append(
+                f"| {name} | {q['haproxy_us']:.0f} | {q['smtpguard_us']:.0f} "
+                f"| {q['added_us']:.0f} | **{q['ratio']:.2f}** |"
+            )
     mem = extra["memory"]
     lines.append("")
     lines.append(
@@ -712,6 +799,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     warnings: list[str] = []
     sent = {"haproxy": 0, "smtpguard": 0}
     aborted = ""
+    latency: dict[str, list[list[float]]] = {}  # per path: each run's round trips (us)
 
     def one_run(sc: Scenario, path: str, pair: int) -> Run:
         run = run_source(sc, ports[path], path, pair, sink, children, pids[path])
@@ -753,17 +841,31 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
                     res.runs.append(one_run(sc, path, pair))
             if failures:
                 raise BenchError(f"{sc.name}: failed run(s); the ratios would be meaningless")
+        if not args.only or "latency" in args.only:
+            commands = LATENCY_COMMANDS // 4 if args.quick else LATENCY_COMMANDS
+            for pair in range(args.repeats):
+                order = ["haproxy", "smtpguard"] if pair % 2 == 0 else ["smtpguard", "haproxy"]
+                for path in order:
+                    times = command_latency(ports[path], commands)
+                    latency.setdefault(path, []).append(times)
+                    print(
+                        f"  latency         pair {pair} {path:9} "
+                        f"p50 {percentile(times, 0.5):7.0f} us  "
+                        f"p99 {percentile(times, 0.99):7.0f} us  ({commands} commands)",
+                        flush=True,
+                    )
     except BenchError as exc:
         aborted = str(exc)
         print(f"bench: stopping early: {aborted}", flush=True)
 
     after_status = proc_status(setup.smtpguard_pid)
     extra: dict[str, Any] = {
+        "latency": latency_summary(latency),
         "memory": {
             "start_rss_kib": start_status.get("VmRSS", 0),
             "after_rss_kib": after_status.get("VmRSS", 0),
             "after_hwm_kib": after_status.get("VmHWM", 0),
-        }
+        },
     }
 
     if idle_count and not aborted:
@@ -874,7 +976,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--idle", type=int, help="idle connections for the memory test, 0 = skip (default 2000)"
     )
-    parser.add_argument("--only", action="append", help="run only this scenario (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only this scenario (repeatable; 'latency': the per-command latency runs)",
+    )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
     parser.add_argument(
         "--workers",

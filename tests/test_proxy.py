@@ -14,16 +14,28 @@ from smtpguard.proxy import Proxy
 
 
 class FakeUpstream:
-    """A scripted SMTP upstream on a memory stream that records what it got."""
+    """A scripted SMTP upstream on a memory stream that records what it got.
 
-    def __init__(self, stream: trio.abc.Stream, pipelining: bool = True) -> None:
+    No STARTTLS of its own (smtpguard must never forward one: it gets a 454);
+    XCLIENT is answered with a fresh greeting, as Postfix does.
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, pipelining: bool = True, auth: bool = False
+    ) -> None:
         self.stream = stream
         self.received = bytearray()
         self.lines: list[bytes] = []
+        self.bodies: list[bytes] = []  # each DATA body, up to the CRLF before the dot
         self.pipelining = pipelining
+        self.auth = auth  # offer AUTH PLAIN in the EHLO reply
         self.closed = trio.Event()
         self.silent = False  # stop answering (for timeouts)
         self.close_after: bytes | None = None  # close when this line arrives
+
+    @property
+    def verbs(self) -> list[bytes]:
+        return [line.split(b" ")[0].upper() for line in self.lines]
 
     async def run(self) -> None:
         buf = bytearray()
@@ -41,6 +53,7 @@ class FakeUpstream:
                         end = buf.find(b"\r\n.\r\n")
                         if end < 0:
                             break
+                        self.bodies.append(bytes(buf[: end + 2]))
                         del buf[: end + 5]
                         in_data = False
                         await self.stream.send_all(b"250 2.0.0 queued\r\n")
@@ -57,24 +70,32 @@ class FakeUpstream:
                     if self.silent:
                         continue
                     verb = line.split(b" ")[0].upper()
-                    if verb == b"EHLO":
-                        caps = b"250-PIPELINING\r\n" if self.pipelining else b""
-                        await self.stream.send_all(
-                            b"250-fake\r\n" + caps + b"250 ENHANCEDSTATUSCODES\r\n"
-                        )
-                    elif verb == b"DATA":
+                    await self._answer(verb)
+                    if verb == b"DATA":
                         in_data = True
-                        await self.stream.send_all(b"354 go ahead\r\n")
                     elif verb == b"QUIT":
-                        await self.stream.send_all(b"221 2.0.0 bye\r\n")
-                        await self.stream.aclose()
                         return
-                    else:
-                        await self.stream.send_all(b"250 2.0.0 ok\r\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
             self.closed.set()
+
+    async def _answer(self, verb: bytes) -> None:
+        if verb == b"EHLO":
+            caps = b"250-PIPELINING\r\n" if self.pipelining else b""
+            caps += b"250-AUTH PLAIN\r\n" if self.auth else b""
+            await self.stream.send_all(b"250-fake\r\n" + caps + b"250 ENHANCEDSTATUSCODES\r\n")
+        elif verb == b"DATA":
+            await self.stream.send_all(b"354 go ahead\r\n")
+        elif verb == b"XCLIENT":
+            await self.stream.send_all(b"220 fake ESMTP after XCLIENT\r\n")
+        elif verb == b"STARTTLS":
+            await self.stream.send_all(b"454 4.7.0 upstream must never see this\r\n")
+        elif verb == b"QUIT":
+            await self.stream.send_all(b"221 2.0.0 bye\r\n")
+            await self.stream.aclose()
+        else:
+            await self.stream.send_all(b"250 2.0.0 ok\r\n")
 
 
 def make_proxy(

@@ -20,75 +20,11 @@ import trio
 import trio.testing
 import trustme
 from prometheus_client import CollectorRegistry
+from test_proxy import FakeUpstream
 
 from smtpguard.config import load
 from smtpguard.metrics import Metrics
 from smtpguard.proxy import Proxy
-
-
-class FakeUpstream:
-    """A scripted SMTP upstream (no STARTTLS of its own) that records every line it got."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.lines: list[bytes] = []
-        self.bodies: list[bytes] = []
-        self.closed = trio.Event()
-
-    async def run(self) -> None:
-        buf = bytearray()
-        in_data = False
-        try:
-            await self.stream.send_all(b"220 fake ESMTP\r\n")
-            while True:
-                chunk = await self.stream.receive_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                while True:
-                    if in_data:
-                        end = buf.find(b"\r\n.\r\n")
-                        if end < 0:
-                            break
-                        self.bodies.append(bytes(buf[: end + 2]))
-                        del buf[: end + 5]
-                        in_data = False
-                        await self.stream.send_all(b"250 2.0.0 queued\r\n")
-                        continue
-                    end = buf.find(b"\r\n")
-                    if end < 0:
-                        break
-                    line = bytes(buf[:end])
-                    del buf[: end + 2]
-                    self.lines.append(line)
-                    verb = line.split(b" ")[0].upper()
-                    if verb == b"EHLO":
-                        await self.stream.send_all(
-                            b"250-fake\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n"
-                            b"250 ENHANCEDSTATUSCODES\r\n"
-                        )
-                    elif verb == b"DATA":
-                        in_data = True
-                        await self.stream.send_all(b"354 go ahead\r\n")
-                    elif verb == b"XCLIENT":
-                        # Postfix answers XCLIENT with a fresh greeting.
-                        await self.stream.send_all(b"220 fake ESMTP after XCLIENT\r\n")
-                    elif verb == b"STARTTLS":
-                        await self.stream.send_all(b"454 4.7.0 upstream must never see this\r\n")
-                    elif verb == b"QUIT":
-                        await self.stream.send_all(b"221 2.0.0 bye\r\n")
-                        await self.stream.aclose()
-                        return
-                    else:
-                        await self.stream.send_all(b"250 2.0.0 ok\r\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed.set()
-
-    @property
-    def verbs(self) -> list[bytes]:
-        return [line.split(b" ")[0].upper() for line in self.lines]
 
 
 class Replies:
@@ -160,7 +96,7 @@ async def _harness(
     registry = CollectorRegistry()
     client, proxy_side = trio.testing.memory_stream_pair()
     up_proxy_side, up_side = trio.testing.memory_stream_pair()
-    upstream = FakeUpstream(up_side)
+    upstream = FakeUpstream(up_side, auth=True)
     handled = trio.Event()
     async with trio.open_nursery() as nursery:
 
