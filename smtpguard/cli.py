@@ -20,6 +20,9 @@ from .proxy import Proxy
 
 log = logging.getLogger("smtpguard")
 
+#: How often a worker writes its batched counters to its metrics file.
+WORKER_FLUSH_SECONDS = 0.25
+
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
@@ -82,7 +85,7 @@ async def _serve(
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
         if worker is not None:
-            nursery.start_soon(metrics.flush_every, 1.0)
+            nursery.start_soon(metrics.flush_every, WORKER_FLUSH_SECONDS)
         proxy = Proxy(config, metrics, upstream, reuse_port=worker is not None)
         listeners = await nursery.start(proxy.serve)
         for listener in listeners:

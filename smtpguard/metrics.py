@@ -82,8 +82,9 @@ class Metrics:
         # a lock (and in a worker writes a shared file), which costs more
         # than the rest of relaying a command.  The batch is flushed before
         # every collection (this collector is registered first, so it runs
-        # first: a scrape never misses an increment), at the end of every
-        # session, and by :meth:`flush_every` in workers.
+        # first: a scrape never misses an increment), and by
+        # :meth:`flush_every` in workers (their files are read by the
+        # supervisor, not collected here).
         self._pending: dict[Any, float] = {}
         r.register(_FlushFirst(self))
         self.build_info = Gauge(
@@ -234,6 +235,7 @@ class Metrics:
             d: self.bytes.labels(d) for d in ("client_to_upstream", "upstream_to_client")
         }
         self._replies: dict[tuple[Verb, int], Any] = {}
+        self._closed = {reason: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS}
 
     def config_loaded(self, ok: bool) -> None:
         """Record a configuration (re)load: at start, and on every SIGHUP."""
@@ -249,9 +251,9 @@ class Metrics:
         self.sessions_open.inc()
 
     def session_closed(self, reason: str) -> None:
-        self.flush()
         self.sessions_open.dec()
-        self.sessions_closed.labels(reason if reason in CLOSE_REASONS else "internal_error").inc()
+        child = self._closed.get(reason) or self._closed["internal_error"]
+        child.inc()
 
     def connect_failed(self, reason: str) -> None:
         self.connect_failures.labels(reason).inc()

@@ -107,11 +107,9 @@ def test_batched_counters_are_never_missed_by_a_scrape() -> None:
     assert not m._pending
     m.relayed_bytes("client_to_upstream", 5)
     assert b'smtpguard_bytes_total{direction="client_to_upstream"} 12.0' in m.exposition()
-    # A session's end flushes too (a worker's files are read without a scrape).
-    m.relayed_bytes("upstream_to_client", 3)
     m.session_opened()
-    m.session_closed("quit")
-    assert not m._pending
+    m.session_closed("no such reason")  # counted, under internal_error
+    assert sample(registry, "smtpguard_sessions_closed_total", reason="internal_error") == 1
 
 
 async def test_workers_flush_periodically_and_on_exit(autojump_clock: object) -> None:
