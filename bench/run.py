@@ -82,6 +82,10 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]
 
 
+#: The optional third path (--trio-relay): bench/trio_relay.py.
+TRIO_RELAY = "trio-relay"
+
+
 class BenchError(Exception):
     """A failed precondition or a failed run: the benchmark stops."""
 
@@ -286,14 +290,15 @@ class ScenarioResult:
     def times(self, path: str) -> list[float]:
         return [r.seconds for r in self.runs if r.path == path]
 
-    def ratios(self) -> list[float]:
+    def ratios(self, path: str = "smtpguard") -> list[float]:
+        """Per pair: ``path``'s time / HAProxy's."""
         by_pair: dict[int, dict[str, float]] = {}
         for r in self.runs:
             by_pair.setdefault(r.pair, {})[r.path] = r.seconds
         return [
-            p["smtpguard"] / p["haproxy"]
+            p[path] / p["haproxy"]
             for _, p in sorted(by_pair.items())
-            if "smtpguard" in p and "haproxy" in p and p["haproxy"] > 0
+            if path in p and "haproxy" in p and p["haproxy"] > 0
         ]
 
     def complete(self) -> bool:
@@ -319,6 +324,12 @@ class ScenarioResult:
         out["ratio_median"] = statistics.median(ratios)
         out["ratio_min"] = min(ratios)
         out["ratio_max"] = max(ratios)
+        relay = self.ratios(TRIO_RELAY)
+        if relay:
+            out["trio_relay_ratio_median"] = statistics.median(relay)
+            out["trio_relay_cpu_s"] = statistics.median(
+                r.relay_cpu_s for r in self.runs if r.path == TRIO_RELAY
+            )
         return out
 
 
@@ -687,6 +698,21 @@ def markdown(results: list[ScenarioResult], extra: dict[str, Any]) -> str:
             f"| {g['msgs_per_s']:.0f}, {g['mb_per_s']:.1f} "
             f"| {h['median_cpu_s']:.2f} / {g['median_cpu_s']:.2f} |"
         )
+    relay = [
+        (res.scenario.name, res.summary())
+        for res in results
+        if res.complete() and res.ratios(TRIO_RELAY)
+    ]
+    if relay:
+        lines += [
+            "",
+            "For scale, bench/trio_relay.py (a trio relay that parses nothing, same pairs): "
+            + "; ".join(
+                f"{name} **{s['trio_relay_ratio_median']:.2f}** (CPU {s['trio_relay_cpu_s']:.2f} s)"
+                for name, s in relay
+            )
+            + ".",
+        ]
     lat = extra.get("latency")
     if lat:
         lines += [
@@ -742,15 +768,16 @@ def checks_text(
     sink_total: int,
 ) -> str:
     runs = sum(len(r.runs) for r in results)
-    total = sent["haproxy"] + sent["smtpguard"]
+    total = sum(sent.values())
     lines = ["", "Checks:", ""]
     lines.append(
         f"- timed runs: {runs}, failed: {len(failures)} "
         "(a run fails unless smtp-source exits 0 and smtp-sink counts every message)"
     )
     lines.append(
-        f"- messages sent: {sent['haproxy']} via haproxy + {sent['smtpguard']} via smtpguard "
-        f"= {total}; smtp-sink counted {sink_total} "
+        "- messages sent: "
+        + " + ".join(f"{n} via {path}" for path, n in sent.items())
+        + f" = {total}; smtp-sink counted {sink_total} "
         f"({'all arrived' if sink_total == total else 'MISMATCH'})"
     )
     for run in failures:
@@ -787,6 +814,21 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     sink = setup.sink
     ports = {"haproxy": setup.haproxy_port, "smtpguard": setup.smtpguard_port}
     pids = {"haproxy": setup.haproxy_pid, "smtpguard": setup.smtpguard_pid}
+    if args.trio_relay:
+        port = free_port()
+        relay = children.start(
+            TRIO_RELAY,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "trio_relay.py"),
+                str(port),
+                str(setup.sink_port),
+            ],
+            tmp / "trio-relay.out",
+            tmp / "trio-relay.err",
+        )
+        wait_for_text(tmp / "trio-relay.out", "listening on", children, TRIO_RELAY)
+        ports[TRIO_RELAY], pids[TRIO_RELAY] = port, relay.pid
     start_status = proc_status(setup.smtpguard_pid)
     print(
         f"smtp-sink :{setup.sink_port}  haproxy :{setup.haproxy_port}  "
@@ -797,7 +839,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     results: list[ScenarioResult] = []
     failures: list[Run] = []
     warnings: list[str] = []
-    sent = {"haproxy": 0, "smtpguard": 0}
+    sent = dict.fromkeys(ports, 0)
     aborted = ""
     latency: dict[str, list[list[float]]] = {}  # per path: each run's round trips (us)
 
@@ -819,7 +861,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
                 f"{sc.name} pair {pair} via {path}: smtp-sink counted {run.sink_sessions} "
                 f"sessions, expected {sc.expected_sessions}"
             )
-        for name in ("smtp-sink", "haproxy", "smtpguard"):
+        for name in ("smtp-sink", *ports):
             children.check_alive(name)
         return run
 
@@ -827,7 +869,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         # Warm-up: one untimed small run on each path.
         warm = Scenario("warmup", "", 5, 100, 1024, True)
         for path in ports:
-            one_run(warm, path, 0)
+            one_run(warm, path, 0)  # (the trio relay too, if it runs)
         if failures:
             raise BenchError("warm-up failed")
         for sc in scenarios(args.quick):
@@ -837,6 +879,8 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
             results.append(res)
             for pair in range(args.repeats):
                 order = ["haproxy", "smtpguard"] if pair % 2 == 0 else ["smtpguard", "haproxy"]
+                if TRIO_RELAY in ports:
+                    order.append(TRIO_RELAY)
                 for path in order:
                     res.runs.append(one_run(sc, path, pair))
             if failures:
@@ -982,6 +1026,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run only this scenario (repeatable; 'latency': the per-command latency runs)",
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument(
+        "--trio-relay",
+        action="store_true",
+        help="also run bench/trio_relay.py (a trio relay that parses nothing) in every pair",
+    )
     parser.add_argument(
         "--workers",
         type=int,
