@@ -8,14 +8,18 @@ import pytest
 
 from smtpguard.protocol.rules import (
     CLIENT_VERBS,
+    HOLD,
     LOCAL_ONLY,
     REPLY_CLASSES,
     Phase,
     State,
     Verb,
+    advance,
+    framing_of,
     outcomes,
     permitted,
     transition,
+    verdict,
 )
 
 # The oracle: one row per phase, one column per verb; "+" permitted, "." 503.
@@ -181,3 +185,55 @@ def test_outcomes_cover_every_reply_class() -> None:
     state = State(Phase.READY, esmtp=True)
     assert outcomes(state, Verb.MAIL) == {state, state._replace(phase=Phase.MAIL)}
     assert len(REPLY_CLASSES) == 4
+
+
+def _possible_sets() -> list[frozenset[State]]:
+    """Every set of possible states the core can hold: a state, then each of
+    up to two replies in flight (every step) applied to it."""
+    states = [
+        State(phase, esmtp, authenticated, tls)
+        for phase in Phase
+        for esmtp, authenticated, tls in itertools.product((False, True), repeat=3)
+    ]
+    sets = {frozenset({s}) for s in states}
+    for _ in range(2):
+        sets |= {
+            frozenset(s2 for s in possible for s2 in outcomes(s, step))
+            for possible in sets
+            for step in Verb
+        }
+    return sorted(sets, key=repr)
+
+
+def test_memoized_set_decisions_match_the_rules() -> None:
+    """verdict/advance/framing_of (memoized, per command) against the plain
+    per-state rules, over every reachable set of possible states."""
+    from smtpguard.protocol import rules
+
+    sets = _possible_sets()
+    assert len(sets) > 100
+    for possible in sets:
+        framings = {rules.FRAMING[s.phase] for s in possible}
+        assert framing_of(possible) == (framings.pop() if len(framings) == 1 else None)
+        for verb in Verb:
+            verdicts = {permitted(s, verb) for s in possible}
+            want = verdicts.pop() if len(verdicts) == 1 else HOLD
+            assert verdict(possible, verb) == want
+            assert advance(possible, verb) == frozenset(
+                s2 for s in possible for s2 in outcomes(s, verb)
+            )
+
+
+def test_memo_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smtpguard.protocol import rules
+
+    monkeypatch.setattr(rules, "_CACHE_LIMIT", 50)
+    for cache in (rules._VERDICTS, rules._ADVANCE, rules._FRAMINGS):
+        cache.clear()
+    for possible in _possible_sets():
+        framing_of(possible)
+        for verb in Verb:
+            verdict(possible, verb)
+            advance(possible, verb)
+    for cache in (rules._VERDICTS, rules._ADVANCE, rules._FRAMINGS):
+        assert 0 < len(cache) <= 50
