@@ -85,7 +85,10 @@ async def _serve(
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
         if worker is not None:
+            from .workers import watch_supervisor
+
             nursery.start_soon(metrics.flush_every, WORKER_FLUSH_SECONDS)
+            nursery.start_soon(watch_supervisor)
         proxy = Proxy(config, metrics, upstream, reuse_port=worker is not None)
         listeners = await nursery.start(proxy.serve)
         for listener in listeners:
@@ -184,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     if level not in ("debug", "info", "warning", "error"):
         print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
         return EXIT_CONFIG
-    from .workers import WORKER_ENV, supervise
+    from .workers import WORKER_ENV, supervise, supervisor_alive
 
     worker = os.environ.get(WORKER_ENV)
+    if worker is not None and not supervisor_alive():
+        print("smtpguard: worker: the supervisor is gone, exiting", file=sys.stderr)
+        return EXIT_RUNTIME
     logs.setup(level, config.log_format, worker=worker)
     try:
         if config.workers > 1 and worker is None:

@@ -30,6 +30,8 @@ log = logging.getLogger("smtpguard")
 
 #: Set in a worker's environment: its index.
 WORKER_ENV = "SMTPGUARD_WORKER"
+#: Set in a worker's environment: the supervisor's pid (see :func:`follow_supervisor`).
+SUPERVISOR_ENV = "SMTPGUARD_SUPERVISOR_PID"
 #: Set in a worker's environment when the supervisor runs the embedded sink.
 UPSTREAM_ENV = "SMTPGUARD_UPSTREAM"
 RESTART_DELAY_SECONDS = 1.0
@@ -46,6 +48,25 @@ class AggregatedMetrics:
 
     def exposition(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+def supervisor_alive() -> bool:
+    """In a worker: is the supervisor that started us still our parent?"""
+    expected = os.environ.get(SUPERVISOR_ENV)
+    return expected is None or os.getppid() == int(expected)
+
+
+async def watch_supervisor(period_seconds: float = 1.0) -> None:
+    """In a worker: stop (as on SIGTERM, gracefully) once the supervisor is
+    gone, however it went (a SIGKILL included), so no worker serves on alone.
+
+    (Linux's PR_SET_PDEATHSIG would not do: trio starts processes from a
+    worker thread, and the signal follows the thread, not the process.)
+    """
+    while supervisor_alive():
+        await trio.sleep(period_seconds)
+    log.warning("supervisor gone, stopping", extra=fields(worker=os.environ.get(WORKER_ENV)))
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def _wait_listening(address: Address, timeout: float) -> bool:
@@ -68,7 +89,7 @@ async def supervise(config: Config, argv: list[str]) -> None:
     from .sink import serve_sink
 
     folder = tempfile.mkdtemp(prefix="smtpguard-metrics-")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder}
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": folder, SUPERVISOR_ENV: str(os.getpid())}
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     procs: dict[int, trio.Process] = {}
     stopping = False

@@ -97,3 +97,34 @@ def test_default_is_one_worker_per_core(postfix: Postfix) -> None:
         for _ in range(5):
             session(guard.port)
         assert guard.metric("smtpguard_sessions_closed_total", reason="quit") == 5
+
+
+def test_workers_stop_when_the_supervisor_is_killed(postfix: Postfix) -> None:
+    """A supervisor killed with SIGKILL (no chance to pass anything on) leaves
+    no worker serving on its own: each notices and stops gracefully."""
+    with Guard(f"{postfix.host}:{postfix.port}", workers=2) as guard:
+        deadline = time.monotonic() + 15
+        while len(worker_pids(guard.log())) < 2:
+            assert time.monotonic() < deadline, guard.log()
+            time.sleep(0.1)
+        session(guard.port)
+        pids = worker_pids(guard.log()).values()
+        assert guard.proc is not None
+        guard.proc.kill()
+        guard.proc.wait(10)
+        deadline = time.monotonic() + 15
+        try:
+            while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+                assert time.monotonic() < deadline, guard.log()
+                time.sleep(0.1)
+        finally:  # never leave a worker behind for the next tests
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        assert guard.log().count('event="supervisor gone, stopping"') == 2
+        try:
+            with RawClient(guard.port) as client:
+                data = client.reply()
+        except (OSError, AssertionError):  # refused, or closed at once
+            data = b""
+        assert not data.startswith(b"220"), "a worker still serves"
