@@ -45,8 +45,8 @@ async def _upstream_reachable(address: Address) -> bool:
 async def serve(config: Config, path: str | None = None) -> None:
     """Run smtpguard until SIGINT/SIGTERM; SIGHUP reloads ``path``.
 
-    In a worker (``workers: N``) the listeners share their ports with the
-    other workers (SO_REUSEPORT) and the supervisor serves the metrics.
+    In a worker (``workers: N``) the listening sockets are the supervisor's,
+    shared with the other workers, and the supervisor serves the metrics.
     """
     from .workers import WORKER_ENV
 
@@ -89,7 +89,10 @@ async def _serve(
 
             nursery.start_soon(metrics.flush_every, WORKER_FLUSH_SECONDS)
             nursery.start_soon(watch_supervisor)
-        proxy = Proxy(config, metrics, upstream, reuse_port=worker is not None)
+        from .workers import LISTEN_FDS_ENV
+
+        fds = [int(fd) for fd in os.environ.get(LISTEN_FDS_ENV, "").split(",") if fd]
+        proxy = Proxy(config, metrics, upstream, listen_fds=fds if worker is not None else ())
         listeners = await nursery.start(proxy.serve)
         for listener in listeners:
             host, port = listener.socket.getsockname()[:2]

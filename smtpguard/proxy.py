@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -748,10 +748,12 @@ class Proxy:
         metrics: Metrics,
         upstream: Address | None = None,
         connect: Callable[[], Awaitable[trio.abc.Stream]] | None = None,
-        reuse_port: bool = False,
+        listen_fds: Sequence[int] = (),
     ) -> None:
         self.config = config
-        self.reuse_port = reuse_port
+        #: In a worker: the listening sockets the supervisor made, one per
+        #: configured listener in order (inherited descriptors).
+        self.listen_fds = tuple(listen_fds)
         self.metrics = metrics
         upstream = upstream or config.upstream
         if upstream is None:
@@ -1013,13 +1015,20 @@ class Proxy:
         that stopping to accept leaves the sessions in flight alone.
         """
         listeners: list[tuple[trio.SocketListener, Listener]] = []
-        specs = self.config.listeners or tuple(Listener(a) for a in self.config.listen)
-        for spec in specs:
-            if self.reuse_port:
-                listeners.append((await _reuse_port_listener(spec.address), spec))
-                continue
-            for sock in await trio.open_tcp_listeners(spec.address.port, host=spec.address.host):
-                listeners.append((sock, spec))
+        specs = listener_specs(self.config)
+        if self.listen_fds:
+            # A worker: every worker accepts from the same sockets, so the
+            # kernel hands each connection to a worker that is waiting for
+            # one (a busy worker takes fewer), and a worker that dies loses
+            # no queued connection.
+            for spec, fd in zip(specs, self.listen_fds, strict=True):
+                inherited = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+                listeners.append((trio.SocketListener(inherited), spec))
+        else:
+            for spec in specs:
+                host, port = spec.address.host, spec.address.port
+                for sock in await trio.open_tcp_listeners(port, host=host):
+                    listeners.append((sock, spec))
         for sock, spec in listeners:
             log.info(
                 "listening",
@@ -1146,24 +1155,29 @@ class Proxy:
         return wrapped, (info.source_host, info.source_port), dest
 
 
-async def _reuse_port_listener(address: Address) -> trio.SocketListener:
-    """A listener that shares its port with the other workers (SO_REUSEPORT)."""
-    infos = await trio.socket.getaddrinfo(
+def bind_listener(address: Address) -> socket.socket:
+    """A listening socket on ``address`` (plain socket module: the worker
+    supervisor binds before any trio loop runs, and hands it to the workers)."""
+    infos = socket.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, kind, proto, _, sockaddr = infos[0]
-    sock = trio.socket.socket(family, kind, proto)
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(sockaddr)
+        sock.bind(sockaddr)
         sock.listen(4096)
     except BaseException:
         sock.close()
         raise
-    return trio.SocketListener(sock)
+    return sock
+
+
+def listener_specs(config: Config) -> tuple[Listener, ...]:
+    """The configured listeners (``listen`` as mappings or plain addresses)."""
+    return config.listeners or tuple(Listener(a) for a in config.listen)
 
 
 def _show(addr: tuple[str, int] | None) -> str:

@@ -20,6 +20,14 @@ def session(port: int) -> None:
         assert replies[1] == b"503 5.5.1 Error: need MAIL before RCPT\r\n"
 
 
+def wait_serving(guard: Guard, workers: set[str]) -> None:
+    """Until each of ``workers`` logged that it is listening."""
+    deadline = time.monotonic() + 15
+    while {m for m in re.findall(r"event=listening .*worker=(\d+)", guard.log())} != workers:
+        assert time.monotonic() < deadline, guard.log()
+        time.sleep(0.1)
+
+
 def worker_pids(log: str) -> dict[str, int]:
     pids: dict[str, int] = {}
     for m in re.finditer(r'event="worker started" worker=(\d+) pid=(\d+)', log):
@@ -29,10 +37,7 @@ def worker_pids(log: str) -> dict[str, int]:
 
 def test_workers_share_the_port_and_metrics_are_summed(postfix: Postfix) -> None:
     with Guard(f"{postfix.host}:{postfix.port}", workers=2) as guard:
-        deadline = time.monotonic() + 15
-        while {m for m in re.findall(r"event=listening .*worker=(\d+)", guard.log())} != {"0", "1"}:
-            assert time.monotonic() < deadline, guard.log()
-            time.sleep(0.1)
+        wait_serving(guard, {"0", "1"})
         before = guard.metric("smtpguard_sequence_violations_total", command="RCPT", state="ready")
         for _ in range(30):
             session(guard.port)
@@ -103,10 +108,7 @@ def test_workers_stop_when_the_supervisor_is_killed(postfix: Postfix) -> None:
     """A supervisor killed with SIGKILL (no chance to pass anything on) leaves
     no worker serving on its own: each notices and stops gracefully."""
     with Guard(f"{postfix.host}:{postfix.port}", workers=2) as guard:
-        deadline = time.monotonic() + 15
-        while len(worker_pids(guard.log())) < 2:
-            assert time.monotonic() < deadline, guard.log()
-            time.sleep(0.1)
+        wait_serving(guard, {"0", "1"})
         session(guard.port)
         pids = worker_pids(guard.log()).values()
         assert guard.proc is not None
