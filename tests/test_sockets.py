@@ -1,0 +1,129 @@
+"""The proxy over real loopback sockets, in process: the direct read and write
+paths (``_read_fd``, ``_send``) that memory streams never take.
+
+A client streams a large message as fast as it can; the upstream reads it
+slowly, so smtpguard's sends find the socket full and must wait for room.
+The body must arrive byte for byte, and only the upstream's verdict may
+reach the client.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+from test_proxy import read_replies
+
+from smtpguard.config import load
+from smtpguard.metrics import Metrics
+from smtpguard.proxy import Proxy
+
+BODY_BYTES = 6 * 1024 * 1024
+
+
+def make_body() -> bytes:
+    line = b"".join(bytes([65 + i % 26]) for i in range(76)) + b"\r\n"
+    body = b"Subject: stream\r\n\r\n" + line * (BODY_BYTES // len(line))
+    return body + b"\r\n"  # ends in CRLF: the final dot follows
+
+
+class SlowUpstream:
+    """An SMTP upstream on a real socket that reads message bodies slowly."""
+
+    def __init__(self) -> None:
+        self.digests: list[str] = []
+        self.sizes: list[int] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        await stream.send_all(b"220 slow ESMTP\r\n")
+        while True:
+            while b"\r\n" not in buf:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            line, _, rest = bytes(buf).partition(b"\r\n")
+            buf = bytearray(rest)
+            verb = line.split(b" ")[0].upper()
+            if verb == b"EHLO":
+                await stream.send_all(b"250-slow\r\n250 PIPELINING\r\n")
+            elif verb == b"DATA":
+                await stream.send_all(b"354 go ahead\r\n")
+                while (end := buf.find(b"\r\n.\r\n")) < 0:
+                    await trio.sleep(0.001)  # a slow reader: small reads, pauses
+                    chunk = await stream.receive_some(16384)
+                    if not chunk:
+                        return
+                    buf += chunk
+                body = bytes(buf[: end + 2])
+                del buf[: end + 5]
+                self.digests.append(hashlib.sha256(body).hexdigest())
+                self.sizes.append(len(body))
+                await stream.send_all(b"250 2.0.0 queued as STREAM\r\n")
+            elif verb == b"QUIT":
+                await stream.send_all(b"221 2.0.0 bye\r\n")
+                return
+            else:
+                await stream.send_all(b"250 2.0.0 ok\r\n")
+
+
+async def test_a_large_message_streams_through_real_sockets_intact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits = 0
+    real_wait_writable = trio.lowlevel.wait_writable
+
+    async def counting_wait_writable(fd: int) -> None:
+        nonlocal waits
+        waits += 1
+        await real_wait_writable(fd)
+
+    # smtpguard's _send looks it up at call time; trio's own sockets do not.
+    monkeypatch.setattr(trio.lowlevel, "wait_writable", counting_wait_writable)
+
+    upstream = SlowUpstream()
+    body = make_body()
+    with trio.fail_after(60):
+        await _stream(upstream, body)
+
+    assert upstream.sizes == [len(body)]
+    assert upstream.digests == [hashlib.sha256(body).hexdigest()]
+    # The slow reader filled smtpguard's socket buffer: its sends had to wait.
+    assert waits > 0
+
+
+async def _stream(upstream: SlowUpstream, body: bytes) -> None:
+    async with trio.open_nursery() as nursery:
+        up_listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
+        )
+        up_port = up_listeners[0].socket.getsockname()[1]
+        config = load(
+            {
+                "listen": "127.0.0.1:0",
+                "upstream": f"127.0.0.1:{up_port}",
+                "hostname": "guard.test",
+                "workers": 1,
+            }
+        )
+        proxy = Proxy(config, Metrics(CollectorRegistry()))
+        listeners = await nursery.start(proxy.serve)
+        port = listeners[0].socket.getsockname()[1]
+
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert (await read_replies(client, 1))[0].startswith(b"220 slow")
+        await client.send_all(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n")
+        replies = await read_replies(client, 3)
+        assert [r[:3] for r in replies] == [b"250", b"250", b"250"]
+        await client.send_all(b"DATA\r\n")
+        assert (await read_replies(client, 1))[0].startswith(b"354")
+        await client.send_all(body + b".\r\n")
+        assert await read_replies(client, 1) == [b"250 2.0.0 queued as STREAM\r\n"]
+        await client.send_all(b"QUIT\r\n")
+        assert await read_replies(client, 1) == [b"221 2.0.0 bye\r\n"]
+        await client.aclose()
+        nursery.cancel_scope.cancel()
