@@ -15,6 +15,15 @@ from .protocol.session import Event, LocalReply, MessageDone, UpstreamReplied, V
 
 # Replies to these steps are not commands of their own (they continue one).
 _NOT_COMMANDS = frozenset({Verb.GREETING, Verb.DATA_END, Verb.AUTH_RESPONSE})
+#: The summary's name for the command a reply answers (None: not a command).
+_COMMAND_NAME: dict[Verb, str | None] = {
+    verb: None
+    if verb in _NOT_COMMANDS
+    else "bdat"
+    if verb is Verb.BDAT_LAST
+    else verb.value.lower()
+    for verb in Verb
+}
 
 
 class SessionSummary:
@@ -31,17 +40,18 @@ class SessionSummary:
     def observe(self, events: Iterable[Event]) -> None:
         for event in events:
             if type(event) is UpstreamReplied:
-                if event.step in _NOT_COMMANDS:
+                name = _COMMAND_NAME[event.step]
+                if name is None:
                     continue
-                name = "bdat" if event.step is Verb.BDAT_LAST else event.step.value.lower()
                 self.total[name] += 1
                 if event.code < 400:
                     self.ok[name] += 1
             elif type(event) is LocalReply:
                 if event.code != 421:  # a 421 ends the session, it answers no command
-                    self.total[event.verb.value.lower()] += 1
+                    local = event.verb.value.lower()
+                    self.total[local] += 1
                     if event.code < 400:
-                        self.ok[event.verb.value.lower()] += 1
+                        self.ok[local] += 1
             elif type(event) is Violation:
                 self.violations += 1
             elif type(event) is MessageDone:

@@ -134,6 +134,20 @@ class PolicyAction(NamedTuple):
     detail: str  #: for the log line (never client data)
 
 
+#: The per-command events are immutable: made once, shared (no allocation
+#: per command).
+_FORWARDED = {verb: Forwarded(verb) for verb in Verb}
+_REPLIED: dict[tuple[Verb, int], UpstreamReplied] = {}
+
+
+def _replied(step: Verb, code: int) -> UpstreamReplied:
+    key = (step, code)
+    event = _REPLIED.get(key)
+    if event is None:  # at most one per step and reply code (200-599)
+        event = _REPLIED[key] = UpstreamReplied(step, code)
+    return event
+
+
 Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone | PolicyAction
 
 
@@ -523,7 +537,7 @@ class Session:
         self._inflight.popleft()
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
-        self._events.append(UpstreamReplied(step, reply.code))
+        self._events.append(_replied(step, reply.code))
         if cls >= 4 and reply.code != 421:
             self._count_error()
         data = reply.raw
@@ -898,7 +912,7 @@ class Session:
         self._queue(slot)
         self._inflight.append(slot)
         self._possible = advance(self._possible, step)
-        self._events.append(Forwarded(step))
+        self._events.append(_FORWARDED[step])
 
     def _help(self, line: bytes) -> None:
         opts = self.options
@@ -1051,7 +1065,7 @@ class Session:
             return False
         self._body = None
         self._body_open = False
-        self._events.append(Forwarded(Verb.DATA_END))
+        self._events.append(_FORWARDED[Verb.DATA_END])
         slot = _Slot(Verb.DATA, Verb.DATA_END)
         self._replies_queued += 1
         self._slots.append(slot)

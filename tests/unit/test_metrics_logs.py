@@ -128,6 +128,51 @@ async def test_workers_flush_periodically_and_on_exit(autojump_clock: object) ->
     assert flushed._value.get() == 10  # the last batch, flushed on the way out
 
 
+def test_batched_latency_histogram_equals_observing_one_by_one() -> None:
+    """Bucket counts and sums of the batched histogram, against a plain
+    prometheus-client histogram fed the same values (bounds included)."""
+    from prometheus_client import Histogram
+
+    from smtpguard.metrics import _Batch
+    from smtpguard.protocol.rules import Verb
+
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    reference_registry = CollectorRegistry()
+    reference = Histogram(
+        "ref_seconds",
+        "same buckets",
+        buckets=m.upstream_latency._upper_bounds[:-1],
+        registry=reference_registry,
+    )
+    values = [0.0, 0.0005, 0.001, 0.0010001, 0.0025, 0.07, 0.1, 2.5, 29.9, 30.0, 31.0, 1e9]
+    for v in values:
+        m.reply_latency(Verb.MAIL, v)
+        reference.observe(v)
+    assert m._batches  # not yet flushed
+    for bound in m.upstream_latency._upper_bounds:
+        le = "+Inf" if bound == float("inf") else str(bound)
+        got = sample(registry, "smtpguard_upstream_reply_seconds_bucket", command="MAIL", le=le)
+        want = reference_registry.get_sample_value("ref_seconds_bucket", {"le": le})
+        assert got == want, le
+    assert sample(registry, "smtpguard_upstream_reply_seconds_count", command="MAIL") == len(values)
+    assert sample(registry, "smtpguard_upstream_reply_seconds_sum", command="MAIL") == sum(values)
+
+    class Plain:  # a child without the internals: plain observe() at the flush
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, value: float) -> None:
+            self.seen.append(value)
+
+    plain = Plain()
+    batch = _Batch.of(plain)
+    assert batch.bounds is None
+    assert batch.add(1.5) and not batch.add(2.5)
+    batch.flush()
+    assert plain.seen == [1.5, 2.5]
+
+
 def test_exposition_has_no_addresses() -> None:
     registry = CollectorRegistry()
     m = Metrics(registry)
