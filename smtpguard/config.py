@@ -53,6 +53,8 @@ class Listener:
     proxy_protocol: bool = False
     #: Networks allowed to send a PROXY header (others are turned away).
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: This listener's own upstreams (failover order); empty: the global ones.
+    upstreams: tuple[Address, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,13 +266,15 @@ def _workers(value: object) -> int:
 
 
 def _listener(key: str, value: object) -> Listener:
-    """``host:port``, or a mapping with ``address``, ``tls``, ``proxy_protocol``, ``trusted``."""
+    """``host:port``, or a mapping with ``address``, ``tls``, ``proxy_protocol``,
+    ``trusted`` and ``upstream`` (this listener's own, one or a list)."""
     if not isinstance(value, Mapping):
         return Listener(parse_address(key, value))
     for k in value:
-        if k not in ("address", "tls", "proxy_protocol", "trusted"):
+        if k not in ("address", "tls", "proxy_protocol", "trusted", "upstream"):
             raise ConfigError(
-                f"{key}.{k}", "unknown key (known: address, proxy_protocol, tls, trusted)"
+                f"{key}.{k}",
+                "unknown key (known: address, proxy_protocol, tls, trusted, upstream)",
             )
     address = parse_address(f"{key}.address", value.get("address"))
     tls = value.get("tls", "none")
@@ -286,7 +290,23 @@ def _listener(key: str, value: object) -> Listener:
             trusted.append(ipaddress.ip_network(str(net), strict=False))
         except ValueError:
             raise ConfigError(f"{key}.trusted[{i}]", f"not a network: {net!r}") from None
-    return Listener(address, tls, proxy, tuple(trusted))
+    upstreams = _upstreams(f"{key}.upstream", value["upstream"]) if "upstream" in value else ()
+    return Listener(address, tls, proxy, tuple(trusted), upstreams)
+
+
+def _upstreams(key: str, value: object) -> tuple[Address, ...]:
+    """``upstream``: one ``host:port`` (port 25 by default) or a list (failover order)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(key, "needs at least one address (or leave it out)")
+    out: list[Address] = []
+    for i, item in enumerate(items):
+        item_key = f"{key}[{i}]" if isinstance(value, list) else key
+        address = parse_address(item_key, item, default_port=25)
+        if address.port == 0:
+            raise ConfigError(item_key, "port 0 is not a port one can connect to")
+        out.append(address)
+    return tuple(out)
 
 
 def _tls(raw: Mapping[str, Any]) -> TLSSettings | None:
@@ -400,18 +420,8 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
             "upstream_identity", f"must be none, proxy_v1, proxy_v2 or xclient, got {identity!r}"
         )
 
-    upstreams: list[Address] = []
     up_raw = raw.get("upstream")
-    if up_raw is not None:
-        up_items = up_raw if isinstance(up_raw, list) else [up_raw]
-        if not up_items:
-            raise ConfigError("upstream", "needs at least one address (or leave it out)")
-        for i, item in enumerate(up_items):
-            key = f"upstream[{i}]" if isinstance(up_raw, list) else "upstream"
-            address = parse_address(key, item, default_port=25)
-            if address.port == 0:
-                raise ConfigError(key, "port 0 is not a port one can connect to")
-            upstreams.append(address)
+    upstreams = _upstreams("upstream", up_raw) if up_raw is not None else ()
     upstream = upstreams[0] if upstreams else None
     up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name"})
     up_tls_mode = up_tls.get("mode", "none")

@@ -758,8 +758,9 @@ class Proxy:
         upstream = upstream or config.upstream
         if upstream is None:
             raise ValueError("no upstream address")
+        #: The default upstream (the first global one, or the one given).
         self.upstream = upstream
-        self._connect = connect or self._connect_tcp
+        self._connect = connect
         self._tls_context = server_context(config.tls) if config.tls else None
         self._upstream_tls_context = upstream_context(
             config.upstream_tls, config.upstream_tls_ca_file
@@ -772,12 +773,7 @@ class Proxy:
         self._handlers: trio.Nursery
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
-        self.upstreams: tuple[Address, ...] = (
-            (upstream,) if self._fixed_upstream else (config.upstreams or (upstream,))
-        )
-        self._next_upstream = 0
-        for i in range(len(self.upstreams)):
-            metrics.upstream_up.labels(str(i))
+        self._use_upstreams(config)
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
@@ -788,21 +784,46 @@ class Proxy:
         )
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
-            self.upstreams = config.upstreams or (config.upstream,)
-            self._next_upstream = 0
+        self._use_upstreams(config)
 
-    async def _connect_tcp(self) -> trio.abc.Stream:
+    def _use_upstreams(self, config: Config) -> None:
+        """The upstream lists of ``config``: the global one (or the fixed
+        upstream) and the listeners' own.  ``upstreams`` holds every address
+        once, global ones first: an address's index there is its
+        ``smtpguard_upstream_up`` label."""
+        base = (self.upstream,) if self._fixed_upstream else (config.upstreams or (self.upstream,))
+        everything = list(base)
+        for spec in listener_specs(config):
+            everything += [a for a in spec.upstreams if a not in everything]
+        self._base_upstreams = base
+        self.upstreams: tuple[Address, ...] = tuple(everything)
+        self._upstream_index = {a: i for i, a in enumerate(self.upstreams)}
+        self._round_robin: dict[tuple[Address, ...], int] = {}
+        for i in range(len(self.upstreams)):
+            self.metrics.upstream_up.labels(str(i))
+
+    def _upstreams_for(self, listener: Listener | None) -> tuple[Address, ...]:
+        own = listener.upstreams if listener is not None else ()
+        return own or self._base_upstreams
+
+    async def _connect_upstream(self, listener: Listener | None) -> tuple[trio.abc.Stream, Address]:
+        """A connection to this listener's upstreams (or the global ones)."""
+        if self._connect is not None:  # tests: a stream from elsewhere
+            return await self._connect(), self.upstream
+        return await self._connect_tcp(self._upstreams_for(listener))
+
+    async def _connect_tcp(self, upstreams: tuple[Address, ...]) -> tuple[trio.abc.Stream, Address]:
         """Connect to the first upstream that answers (failover), in the
         configured order or round robin; each failure is counted."""
-        upstreams = self.upstreams
         start = 0
         if self.config.upstream_selection == "round_robin":
-            start = self._next_upstream % len(upstreams)
-            self._next_upstream += 1
+            turn = self._round_robin.get(upstreams, 0)
+            self._round_robin[upstreams] = turn + 1
+            start = turn % len(upstreams)
         error: BaseException | None = None
         for k in range(len(upstreams)):
-            index = (start + k) % len(upstreams)
-            address = upstreams[index]
+            address = upstreams[(start + k) % len(upstreams)]
+            index = self._upstream_index.get(address, 0)
             try:
                 with trio.fail_after(self.config.timeouts.connect_seconds):
                     stream = await _open_tcp(address)
@@ -817,8 +838,7 @@ class Proxy:
                 error = exc
                 continue
             self.metrics.upstream_up.labels(str(index)).set(1)
-            self.upstream = address
-            return stream
+            return stream, address
         assert error is not None
         raise error
 
@@ -831,6 +851,7 @@ class Proxy:
         client_addr: tuple[str, int] | None = None,
         local_addr: tuple[str, int] | None = None,
         implicit_tls: bool = False,
+        listener: Listener | None = None,
     ) -> None:
         """Serve one client until its session ends.  Never raises (but Cancelled)."""
         conn_id = next(_ids)
@@ -852,14 +873,17 @@ class Proxy:
             if not await self._admit(client, session, client_host, conn_id, peer):
                 return
             try:
-                upstream = await self._connect()
+                upstream, up_address = await self._connect_upstream(listener)
             except (OSError, trio.TooSlowError) as exc:
                 failure = _connect_failure_reason(exc)
                 metrics.connect_failed(failure)
                 log.warning(
                     "upstream unreachable",
                     extra=fields(
-                        conn=conn_id, client=peer, upstream=str(self.upstream), reason=failure
+                        conn=conn_id,
+                        client=peer,
+                        upstream=",".join(str(a) for a in self._upstreams_for(listener)),
+                        reason=failure,
                     ),
                 )
                 session.upstream_refused()
@@ -877,7 +901,7 @@ class Proxy:
                             upstream,
                             config.upstream_tls,
                             self._upstream_tls_context,
-                            config.upstream_tls_server_name or self.upstream.host,
+                            config.upstream_tls_server_name or up_address.host,
                             config.session.hostname,
                             early,
                         )
@@ -1093,6 +1117,7 @@ class Proxy:
                 client_addr[0] if client_addr else "-",
                 client_addr=client_addr,
                 local_addr=local_addr,
+                listener=spec,
             )
             return
         try:
@@ -1126,6 +1151,7 @@ class Proxy:
             client_addr=client_addr,
             local_addr=local_addr,
             implicit_tls=spec.tls == "implicit",
+            listener=spec,
         )
 
     async def _proxy_header(

@@ -127,3 +127,78 @@ async def _stream(upstream: SlowUpstream, body: bytes) -> None:
         assert await read_replies(client, 1) == [b"221 2.0.0 bye\r\n"]
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+class NamedUpstream:
+    """An upstream that greets with its own name and answers QUIT."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.sessions = 0
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.sessions += 1
+        await stream.send_all(b"220 " + self.name + b" ESMTP\r\n")
+        data = b""
+        while b"QUIT\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            data += chunk
+        await stream.send_all(b"221 2.0.0 bye\r\n")
+
+
+async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
+    """``listen: [{address, upstream: [...]}]``: a listener with its own
+    upstream list uses it (failing over past a dead one); the others use the
+    global list; ``smtpguard_upstream_up`` has one series per address."""
+    alpha, beta = NamedUpstream(b"alpha"), NamedUpstream(b"beta")
+    dead = trio.socket.socket()
+    await dead.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    dead_port = dead.getsockname()[1]
+    registry = CollectorRegistry()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            ports = []
+            for upstream in (alpha, beta):
+                started = await nursery.start(
+                    functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
+                )
+                ports.append(started[0].socket.getsockname()[1])
+            config = load(
+                {
+                    "listen": [
+                        "127.0.0.1:0",
+                        {
+                            "address": "127.0.0.1:0",
+                            "upstream": [f"127.0.0.1:{dead_port}", f"127.0.0.1:{ports[1]}"],
+                        },
+                    ],
+                    "upstream": f"127.0.0.1:{ports[0]}",
+                    "workers": 1,
+                }
+            )
+            proxy = Proxy(config, Metrics(registry))
+            listeners = await nursery.start(proxy.serve)
+            greetings = []
+            for listener in listeners:
+                port = listener.socket.getsockname()[1]
+                client = await trio.open_tcp_stream("127.0.0.1", port)
+                greetings.append((await read_replies(client, 1))[0])
+                await client.send_all(b"QUIT\r\n")
+                assert await read_replies(client, 1) == [b"221 2.0.0 bye\r\n"]
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+    dead.close()
+    assert greetings == [b"220 alpha ESMTP\r\n", b"220 beta ESMTP\r\n"]
+    assert (alpha.sessions, beta.sessions) == (1, 1)
+    # Index = place among all configured upstreams, the global ones first.
+    up = {
+        i: registry.get_sample_value("smtpguard_upstream_up", {"upstream": str(i)})
+        for i in range(3)
+    }
+    assert up == {0: 1.0, 1: 0.0, 2: 1.0}
+    failures = registry.get_sample_value(
+        "smtpguard_upstream_connect_failures_total", {"reason": "refused"}
+    )
+    assert failures == 1

@@ -115,3 +115,29 @@ def test_serve_refuses_a_bad_config_before_listening(tmp_path: pathlib.Path) -> 
     result = run_cli("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "listen: missing port" in result.stderr
+
+
+def test_a_listener_may_have_its_own_upstreams() -> None:
+    c = load(
+        {
+            "listen": [
+                "127.0.0.1:25",
+                {"address": "127.0.0.1:587", "upstream": ["10.0.0.1", "10.0.0.2:2525"]},
+                {"address": "127.0.0.1:465", "upstream": "10.0.0.3:465", "tls": "none"},
+            ],
+            "upstream": "10.0.0.9:25",
+        }
+    )
+    assert [spec.upstreams for spec in c.listeners] == [
+        (),
+        (Address("10.0.0.1", 25), Address("10.0.0.2", 2525)),
+        (Address("10.0.0.3", 465),),
+    ]
+    for raw, key in (
+        ({"address": "127.0.0.1:587", "upstream": []}, "listen[0].upstream"),
+        ({"address": "127.0.0.1:587", "upstream": ["10.0.0.1:0"]}, "listen[0].upstream[0]"),
+        ({"address": "127.0.0.1:587", "upstrem": "x"}, "listen[0].upstrem"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load({"listen": [raw]})
+        assert err.value.key == key
