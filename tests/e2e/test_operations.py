@@ -174,3 +174,37 @@ def test_failover_to_the_next_upstream_and_round_robin(postfix: Postfix, postfix
     first = postfix.log_since(offsets[0]).count("disconnect from")
     second = other.log_since(offsets[1]).count("disconnect from")
     assert (first, second) == (2, 2)
+
+
+def test_each_listener_relays_to_its_own_upstreams(postfix: Postfix, postfix_factory) -> None:  # type: ignore[no-untyped-def]
+    """Two listeners: one uses the global upstream (a Postfix), the other its
+    own list (a dead address, then a second Postfix): each message lands at
+    its listener's Postfix, sent with smtplib."""
+    import smtplib
+    import uuid
+
+    other = postfix_factory()
+    dead = f"127.0.0.1:{free_port()}"
+    ports = (free_port(), free_port())
+    with Guard(
+        f"{postfix.host}:{postfix.port}",
+        listen=[  # type: ignore[arg-type]
+            f"127.0.0.1:{ports[0]}",
+            {"address": f"127.0.0.1:{ports[1]}", "upstream": [dead, f"{other.host}:{other.port}"]},
+        ],
+    ) as guard:
+        tags = {}
+        for port in ports:
+            tag = uuid.uuid4().hex[:12]
+            tags[port] = tag
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                message = f"Subject: listener {tag}\r\n\r\nvia port {port}\r\n".encode()
+                assert client.sendmail("a@example.org", ["b@example.org"], message) == {}
+        first = postfix.wait_for_messages(1, where=lambda m: tags[ports[0]] in m.text)
+        second = other.wait_for_messages(1, where=lambda m: tags[ports[1]] in m.text)
+        assert len(first) == len(second) == 1
+        assert not [m for m in postfix.messages() if tags[ports[1]] in m.text]
+        assert not [m for m in other.messages() if tags[ports[0]] in m.text]
+        assert guard.metric("smtpguard_upstream_up", upstream="0") == 1  # the global one
+        assert guard.metric("smtpguard_upstream_up", upstream="1") == 0  # dead
+        assert guard.metric("smtpguard_upstream_up", upstream="2") == 1  # the other Postfix
