@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from smtpguard.config import Config, load
@@ -409,6 +410,32 @@ def test_kubernetes_objects_have_their_kinds_and_the_kustomization_lists_them() 
     assert kustomization["kind"] == "Kustomization"
     assert sorted(kustomization["resources"]) == sorted(KINDS)
     assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*KINDS, "kustomization.yaml"])
+
+
+#: Kubernetes releases the manifests must be valid for (strict: no unknown fields).
+K8S_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_objects_pass_the_api_schemas(version: str) -> None:
+    """Every built-in object against Kubernetes' own OpenAPI schemas
+    (kubernetes-validate, offline); the ServiceMonitor is a CRD of the
+    Prometheus operator: checked by hand below."""
+    import kubernetes_validate
+
+    for name, (_, kind) in KINDS.items():
+        if kind == "ServiceMonitor":
+            continue
+        kubernetes_validate.validate(k8s(name), version, strict=True)
+    # The validator is live: a misspelt field and a wrong type are refused.
+    broken = k8s("deployment.yaml")
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+    broken = k8s("deployment.yaml")
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
 
 
 def test_kubernetes_configmap_passes_smtpguards_validator() -> None:
