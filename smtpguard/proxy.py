@@ -651,27 +651,22 @@ async def _read_fd(fd: int, drained: bool) -> bytes:
     own read yields every time: a scheduler round per read).
     """
     global _eager
-    if drained:
-        _eager = 0
+    if not drained:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        got = _read_now(fd)
+        if got is not None:
+            if _eager >= _EAGER_READS:
+                _eager = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                _eager += 1
+            return got
+    _eager = 0
+    while True:
         await trio.lowlevel.wait_readable(fd)
         got = _read_now(fd)
-        while got is None:
-            await trio.lowlevel.wait_readable(fd)
-            got = _read_now(fd)
-        return got
-    await trio.lowlevel.checkpoint_if_cancelled()
-    got = _read_now(fd)
-    if got is None:
-        _eager = 0
-        while got is None:
-            await trio.lowlevel.wait_readable(fd)
-            got = _read_now(fd)
-    elif _eager >= _EAGER_READS:
-        _eager = 0
-        await trio.lowlevel.cancel_shielded_checkpoint()
-    else:
-        _eager += 1
-    return got
+        if got is not None:
+            return got
 
 
 #: Reads in a row (process-wide) that may run on without letting other tasks

@@ -34,7 +34,7 @@ log = logging.getLogger("smtpguard")
 
 #: Set in a worker's environment: its index.
 WORKER_ENV = "SMTPGUARD_WORKER"
-#: Set in a worker's environment: the supervisor's pid (see :func:`follow_supervisor`).
+#: Set in a worker's environment: the supervisor's pid (see :func:`watch_supervisor`).
 SUPERVISOR_ENV = "SMTPGUARD_SUPERVISOR_PID"
 #: Set in a worker's environment: the listening sockets' descriptors, one per
 #: configured listener, in order (made by the supervisor, inherited).
@@ -74,19 +74,6 @@ async def watch_supervisor(period_seconds: float = 1.0) -> None:
         await trio.sleep(period_seconds)
     log.warning("supervisor gone, stopping", extra=fields(worker=os.environ.get(WORKER_ENV)))
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-async def _wait_listening(address: Address, timeout: float) -> bool:
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream(address.host, address.port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await trio.aclose_forcefully(stream)
-            return True
-    return False
 
 
 async def supervise(config: Config, argv: list[str]) -> None:
@@ -156,14 +143,6 @@ async def supervise(config: Config, argv: list[str]) -> None:
                         )
                         await trio.sleep(RESTART_DELAY_SECONDS)
 
-                async def announce() -> None:
-                    if await _wait_listening(config.listen[0], 30) and not stopping:
-                        print(
-                            f"smtpguard: {config.workers} workers listening on {config.listen[0]}",
-                            flush=True,
-                        )
-                        _notify(b"READY=1")
-
                 for index in range(config.workers):
                     nursery.start_soon(worker, index)
                 if config.metrics_listen is not None:
@@ -180,7 +159,11 @@ async def supervise(config: Config, argv: list[str]) -> None:
                         f"smtpguard: metrics on http://{Address(address.host, port)}/metrics",
                         flush=True,
                     )
-                nursery.start_soon(announce)
+                # The sockets listen already: connections queue until a
+                # worker takes them, so the service is ready now.
+                listening = ", ".join(str(spec.address) for spec in listener_specs(config))
+                print(f"smtpguard: {config.workers} workers listening on {listening}", flush=True)
+                _notify(b"READY=1")
                 async for signum in signals:
                     if signum != signal.SIGHUP:
                         stopping = True  # before signalling: no worker is restarted
@@ -188,10 +171,15 @@ async def supervise(config: Config, argv: list[str]) -> None:
                         # new connections are refused, not left queued.
                         for sock in sockets:
                             sock.close()
+                    if signum == signal.SIGHUP:
+                        _notify(b"RELOADING=1")
                     for proc in list(procs.values()):
                         if proc.returncode is None:
                             proc.send_signal(signal.SIGHUP if signum == signal.SIGHUP else signum)
                     if signum == signal.SIGHUP:
+                        # Passed on: each worker reloads (or refuses a bad
+                        # config and keeps its own), as a single process does.
+                        _notify(b"READY=1")
                         continue
                     _notify(b"STOPPING=1")
                     log.info("stopping workers", extra=fields(workers=len(procs)))

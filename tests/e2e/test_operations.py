@@ -8,6 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
 import yaml
 from guard import Guard, RawClient
 from peers import Postfix, find_program, free_port
@@ -128,7 +129,12 @@ def test_sigterm_lets_a_message_in_data_finish_then_421s_the_idle(postfix: Postf
         assert "stopping" in guard.log()
 
 
-def test_systemd_notify_ready_and_stopping(postfix: Postfix, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemd_notify_ready_and_stopping(
+    postfix: Postfix, tmp_path, monkeypatch, workers
+) -> None:  # type: ignore[no-untyped-def]
+    """One process, or the supervisor of two workers: the same notifications
+    (only the supervisor talks to systemd)."""
     import socket as socketlib
 
     path = str(tmp_path / "notify.sock")
@@ -136,7 +142,7 @@ def test_systemd_notify_ready_and_stopping(postfix: Postfix, tmp_path, monkeypat
         sock.bind(path)
         sock.settimeout(15)
         monkeypatch.setenv("NOTIFY_SOCKET", path)
-        with Guard(f"{postfix.host}:{postfix.port}") as guard:
+        with Guard(f"{postfix.host}:{postfix.port}", workers=workers) as guard:
             assert sock.recv(100) == b"READY=1"
             assert guard.proc is not None
             guard.proc.send_signal(signal.SIGHUP)
