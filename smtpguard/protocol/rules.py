@@ -350,6 +350,19 @@ _ADVANCE: dict[tuple[frozenset[State], Verb], frozenset[State]] = {}
 _FRAMINGS: dict[frozenset[State], Framing | None] = {}
 
 
+_SINGLETONS: dict[State, frozenset[State]] = {}
+
+
+def only(state: State) -> frozenset[State]:
+    """``frozenset({state})``, made once per state (the possible states when
+    no reply is in flight: every reply recomputes them)."""
+    try:
+        return _SINGLETONS[state]
+    except KeyError:
+        result = _SINGLETONS[state] = frozenset({state})
+        return result
+
+
 def verdict(possible: frozenset[State], verb: Verb) -> str | None:
     """:func:`permitted` in every state of ``possible``: ``None`` if in sequence
     in all, the expectation text if out of sequence in all (the same text),

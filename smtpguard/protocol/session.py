@@ -54,6 +54,7 @@ from .rules import (
     Verb,
     advance,
     framing_of,
+    only,
     transition,
     verdict,
 )
@@ -510,7 +511,7 @@ class Session:
             self._to_client += reply if isinstance(reply, bytes) else reply(self._enhanced)
 
     def _recompute_possible(self) -> None:
-        possible = frozenset({self.state})
+        possible = only(self.state)
         for slot in self._inflight:
             possible = advance(possible, slot.step)
         self._possible = possible
