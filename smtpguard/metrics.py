@@ -331,9 +331,10 @@ class _Batch:
     """Observations of one histogram child, added up until the next flush.
 
     A histogram's ``observe`` walks its bounds in Python and takes two locks
-    (the sum's and a bucket's); in a worker it writes both to a shared file.  Here an observation is a bisection and two additions;
-    the flush adds each bucket's count and the sum to the child's own
-    values, which is what ``observe`` does one at a time.  That uses the
+    (the sum's and a bucket's); in a worker it writes both to a shared file.
+    Here an observation is a bisection and two additions; the flush adds
+    each bucket's count and the sum to the child's own values, which is what
+    ``observe`` does one at a time.  That uses the
     child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (as in
     prometheus-client 0.26, tested); a child without them gets plain
     ``observe`` calls at the flush instead (:meth:`of` checks).
