@@ -17,6 +17,14 @@ from .config import Address, Config, ConfigError, load, load_file, parse_address
 from .logs import fields
 from .metrics import Metrics, serve_http
 from .proxy import Proxy
+from .workers import (
+    LISTEN_FDS_ENV,
+    UPSTREAM_ENV,
+    WORKER_ENV,
+    supervise,
+    supervisor_alive,
+    watch_supervisor,
+)
 
 log = logging.getLogger("smtpguard")
 
@@ -48,8 +56,6 @@ async def serve(config: Config, path: str | None = None) -> None:
     In a worker (``workers: N``) the listening sockets are the supervisor's,
     shared with the other workers, and the supervisor serves the metrics.
     """
-    from .workers import WORKER_ENV
-
     worker = os.environ.get(WORKER_ENV)
     metrics = Metrics()
     metrics.config_loaded(True)
@@ -70,7 +76,6 @@ async def _serve(
     signals: AsyncIterator[int],
 ) -> None:
     from .sink import serve_sink
-    from .workers import UPSTREAM_ENV
 
     async with trio.open_nursery() as nursery:
         upstream = config.upstream
@@ -85,12 +90,8 @@ async def _serve(
             )
             print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
         if worker is not None:
-            from .workers import watch_supervisor
-
             nursery.start_soon(metrics.flush_every, WORKER_FLUSH_SECONDS)
             nursery.start_soon(watch_supervisor)
-        from .workers import LISTEN_FDS_ENV
-
         fds = [int(fd) for fd in os.environ.get(LISTEN_FDS_ENV, "").split(",") if fd]
         proxy = Proxy(config, metrics, upstream, listen_fds=fds if worker is not None else ())
         listeners = await nursery.start(proxy.serve)
@@ -190,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     if level not in ("debug", "info", "warning", "error"):
         print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
         return EXIT_CONFIG
-    from .workers import WORKER_ENV, supervise, supervisor_alive
-
     worker = os.environ.get(WORKER_ENV)
     if worker is not None and not supervisor_alive():
         print("smtpguard: worker: the supervisor is gone, exiting", file=sys.stderr)

@@ -558,7 +558,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     return Config(
         listen=listen,
         upstream=upstream,
-        upstreams=tuple(upstreams),
+        upstreams=upstreams,
         upstream_tls=up_tls_mode,
         workers=_workers(raw.get("workers", "auto")),
         upstream_tls_ca_file=ca_file,
@@ -597,3 +597,8 @@ def load_file(path: str | pathlib.Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError("file", f"{path} is not valid YAML{where}") from None
     return load(raw)
+
+
+def listener_specs(config: Config) -> tuple[Listener, ...]:
+    """The configured listeners (``listen`` as mappings or plain addresses)."""
+    return config.listeners or tuple(Listener(a) for a in config.listen)

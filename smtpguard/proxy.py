@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from .config import Address, Config, Listener, Timeouts, server_context
+from .config import Address, Config, Listener, Timeouts, listener_specs, server_context
 from .edges import (
     PrefixedStream,
     read_proxy_header,
@@ -1176,31 +1176,6 @@ class Proxy:
         if info.dest_host is not None and info.dest_port is not None:
             dest = (info.dest_host, info.dest_port)
         return wrapped, (info.source_host, info.source_port), dest
-
-
-def bind_listener(address: Address) -> socket.socket:
-    """A listening socket on ``address`` (plain socket module: the worker
-    supervisor binds before any trio loop runs, and hands it to the workers)."""
-    infos = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(4096)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def listener_specs(config: Config) -> tuple[Listener, ...]:
-    """The configured listeners (``listen`` as mappings or plain addresses)."""
-    return config.listeners or tuple(Listener(a) for a in config.listen)
 
 
 def _show(addr: tuple[str, int] | None) -> str:

@@ -21,13 +21,14 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-from .config import Address, Config
+from .config import Address, Config, listener_specs
 from .logs import fields
 
 log = logging.getLogger("smtpguard")
@@ -76,11 +77,30 @@ async def watch_supervisor(period_seconds: float = 1.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def bind_listener(address: Address) -> socket.socket:
+    """A listening socket on ``address`` (plain socket module: the worker
+    supervisor binds before any trio loop runs, and hands it to the workers)."""
+    infos = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(4096)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def supervise(config: Config, argv: list[str]) -> None:
     """Run ``config.workers`` worker processes until SIGTERM/SIGINT."""
     from .cli import _notify, _upstream_reachable
     from .metrics import serve_http
-    from .proxy import bind_listener, listener_specs
     from .sink import serve_sink
 
     # The supervisor binds (privileged ports included) and the workers
