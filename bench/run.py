@@ -706,7 +706,9 @@ def markdown(results: list[ScenarioResult], extra: dict[str, Any]) -> str:
     if relay:
         lines += [
             "",
-            "For scale, bench/trio_relay.py (a trio relay that parses nothing, same pairs): "
+            "For scale, bench/trio_relay.py (a trio relay that parses nothing, same pairs, "
+            f"{guard_processes()} process(es) sharing the listening socket like smtpguard's "
+            "workers): "
             + "; ".join(
                 f"{name} **{s['trio_relay_ratio_median']:.2f}** (CPU {s['trio_relay_cpu_s']:.2f} s)"
                 for name, s in relay
@@ -795,12 +797,18 @@ def checks_text(
 # --------------------------------------------------------------------------- main
 
 
+def guard_processes() -> int:
+    """smtpguard's worker processes (its default: one per usable core); the
+    trio relay runs as many."""
+    return WORKERS if WORKERS is not None else len(os.sched_getaffinity(0))
+
+
 def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
     fd_limit = raise_fd_limit()
     # A relay process holds two descriptors per idle connection; smtpguard's
     # connections are spread over its workers, HAProxy's are all in one.
     per_process = max(0, (fd_limit - 200) // 2)
-    guard_procs = WORKERS if WORKERS is not None else len(os.sched_getaffinity(0))
+    guard_procs = guard_processes()
     idle_counts = {
         "smtpguard": min(
             args.idle,
@@ -823,6 +831,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
                 str(ROOT / "bench" / "trio_relay.py"),
                 str(port),
                 str(setup.sink_port),
+                str(guard_procs),
             ],
             tmp / "trio-relay.out",
             tmp / "trio-relay.err",

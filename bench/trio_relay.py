@@ -7,18 +7,26 @@ It uses the same I/O steps as smtpguard's hot path (direct non-blocking
 reads and writes, a wait only when a socket is empty or full), two tasks per
 connection, and nothing else: no SMTP, no deadlines, no metrics.
 
-    python3 bench/trio_relay.py LISTEN_PORT UPSTREAM_PORT
+    python3 bench/trio_relay.py LISTEN_PORT UPSTREAM_PORT [PROCESSES]
+
+With PROCESSES > 1 (``run.py`` passes smtpguard's worker count), that many
+processes accept from one listening socket, as smtpguard's workers do; a
+SIGTERM to the first stops them all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import socket
 import sys
 
 import trio
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1
 
 
 async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
@@ -45,7 +53,7 @@ async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
                 await trio.lowlevel.wait_writable(wfd)
 
 
-async def main(listen_port: int, upstream_port: int) -> None:
+async def main(listener: socket.socket, upstream_port: int) -> None:
     async def handle(client: trio.SocketStream) -> None:
         try:
             upstream = await trio.open_tcp_stream(HOST, upstream_port)
@@ -63,11 +71,38 @@ async def main(listen_port: int, upstream_port: int) -> None:
         client.socket.close()
         upstream.socket.close()
 
-    listeners = await trio.open_tcp_listeners(listen_port, host=HOST)
-    print(f"trio-relay: listening on {HOST}:{listen_port}", flush=True)
-    await trio.serve_listeners(handle, listeners)
+    socket_listener = trio.SocketListener(trio.socket.from_stdlib_socket(listener))
+    await trio.serve_listeners(handle, [socket_listener])
+
+
+def run(listen_port: int, upstream_port: int, processes: int) -> None:
+    listener = socket.create_server((HOST, listen_port), backlog=4096)
+    listener.setblocking(False)
+    children = []
+    for _ in range(processes - 1):
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            # End with the first process, even if it is killed (Linux).
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            break
+        children.append(pid)
+
+    def stop(signum: int, frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        os._exit(0)
+
+    if children:
+        signal.signal(signal.SIGTERM, stop)
+        print(f"trio-relay: listening on {HOST}:{listen_port} ({processes} processes)", flush=True)
+    elif processes == 1:
+        print(f"trio-relay: listening on {HOST}:{listen_port}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main, listener, upstream_port)
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(main, int(sys.argv[1]), int(sys.argv[2]))
+    run(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)
