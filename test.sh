@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: ./test.sh [pytest args...]
 #
-# - the real peers of the end-to-end tests (Postfix, swaks, Prometheus, HAProxy) from apt,
-#   only when one of their programs is missing;
+# - the real peers of the end-to-end tests (Postfix, swaks, Prometheus, HAProxy; podman, runc
+#   and debootstrap to build and run the container image) from apt, only when one is missing;
 # - this package with its test extras (pip, editable).
 # The exit status is pytest's.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(postfix swaks prometheus haproxy netcat-openbsd sasl2-bin libsasl2-modules
-    libsasl2-modules-db libnet-ssleay-perl systemd)
+    libsasl2-modules-db libnet-ssleay-perl systemd podman runc debootstrap)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then

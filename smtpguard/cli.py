@@ -1,4 +1,4 @@
-"""Command line: ``smtpguard serve`` and ``smtpguard check``."""
+"""Command line: ``smtpguard serve``, ``smtpguard check`` and ``smtpguard health``."""
 
 from __future__ import annotations
 
@@ -162,6 +162,31 @@ def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> No
     log.info("reloaded", extra=fields(path=path))
 
 
+def health(config: Config, path: str, timeout: float = 4) -> int:
+    """``smtpguard health``: GET ``path`` from the metrics listener the config names (a
+    wildcard address is asked on loopback); 0 when it answers 200. For container health
+    checks and exec probes: it follows the config, wherever its metrics port is."""
+    address = config.metrics_listen
+    if address is None:
+        print("smtpguard: health: no metrics listener (metrics.enabled is false)", file=sys.stderr)
+        return EXIT_CONFIG
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(address.host, address.host)
+    request = f"GET {path} HTTP/1.0\r\nHost: smtpguard\r\n\r\n".encode()
+    try:
+        with socket.create_connection((host, address.port), timeout=timeout) as conn:
+            conn.sendall(request)
+            answer = b""
+            while chunk := conn.recv(4096):
+                answer += chunk
+    except OSError as exc:
+        print(f"smtpguard: health: {Address(host, address.port)}{path}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    status, _, rest = answer.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2].decode(errors="replace").strip()
+    print(f"smtpguard: health: {path}: {status.decode(errors='replace')} {body}".rstrip())
+    return 0 if status.split(b" ")[1:2] == [b"200"] else EXIT_RUNTIME
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__)
@@ -174,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--log-level", help="debug, info, warning or error (overrides log.level)")
     p_check = sub.add_parser("check", help="validate a config file and exit")
     p_check.add_argument("--config", required=True, help="YAML config file")
+    p_health = sub.add_parser(
+        "health",
+        help="ask the running smtpguard's metrics listener (from the config) whether it is up",
+    )
+    p_health.add_argument("--config", help="YAML config file (default: built-in settings)")
+    p_health.add_argument(
+        "--ready", action="store_true", help="ask /readyz (ready for new sessions), not /healthz"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -186,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         listen = ", ".join(str(a) for a in config.listen)
         print(f"smtpguard: config OK (listen {listen}; upstream {upstream})")
         return 0
+    if args.command == "health":
+        return health(config, "/readyz" if args.ready else "/healthz")
 
     level = (args.log_level or config.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):

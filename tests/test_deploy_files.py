@@ -255,7 +255,7 @@ def test_containerfile_user_healthcheck_and_entrypoint() -> None:
     exposed = {p for e in instructions("EXPOSE") for p in e.split()}
     assert {"2525", str(METRICS_PORT)} <= exposed
     [healthcheck] = instructions("HEALTHCHECK")
-    assert f"http://127.0.0.1:{METRICS_PORT}/healthz" in healthcheck and "curl" not in healthcheck
+    assert healthcheck_argv() == ["smtpguard", "health", "--config", CONFIG_PATH]
     # Every file copied in exists, and the build context's ignore file lets it through.
     ignore = (CONTAINERFILE.parent / "Containerfile.dockerignore").read_text().split()
     for copy in instructions("COPY"):
@@ -266,22 +266,21 @@ def test_containerfile_user_healthcheck_and_entrypoint() -> None:
     assert f"deploy/container/smtpguard.yaml {CONFIG_PATH}" in instructions("COPY")
 
 
-def healthcheck_argv(port: int) -> list[str]:
-    [healthcheck] = instructions("HEALTHCHECK")
-    argv = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
-    assert argv[0] == "python3"
-    return [sys.executable, *argv[1:-1], argv[-1].replace(f":{METRICS_PORT}/", f":{port}/")]
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
+def healthcheck_argv() -> list[str]:
+    [healthcheck] = instructions("HEALTHCHECK")
+    argv: list[str] = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
+    return argv
+
+
 def test_containerfile_healthcheck_command_works(tmp_path: Path) -> None:
-    """The HEALTHCHECK's Python one-liner, pointed at a real smtpguard: 0 when it runs, not 0
-    when nothing listens."""
+    """The HEALTHCHECK's command, given a config whose metrics port is not the image's:
+    0 while smtpguard runs, not 0 once it is gone; /readyz with --ready."""
     metrics = free_port()
     config = tmp_path / "smtpguard.yaml"
     config.write_text(
@@ -293,6 +292,9 @@ def test_containerfile_healthcheck_command_works(tmp_path: Path) -> None:
             }
         )
     )
+    program, *args = healthcheck_argv()
+    assert program == "smtpguard"
+    argv = [sys.executable, "-m", "smtpguard", *args[:-1], str(config)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "smtpguard", "serve", "--config", str(config)],
         cwd=tmp_path,
@@ -302,17 +304,34 @@ def test_containerfile_healthcheck_command_works(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 15
         while True:
-            check = subprocess.run(healthcheck_argv(metrics), capture_output=True, timeout=30)
+            check = subprocess.run(argv, capture_output=True, text=True, timeout=30)
             if check.returncode == 0:
                 break
             assert proc.poll() is None, "smtpguard exited"
-            assert time.monotonic() < deadline, check.stderr.decode()
+            assert time.monotonic() < deadline, check.stderr
             time.sleep(0.1)
+        assert "/healthz: HTTP/1.1 200" in check.stdout, check.stdout
+        ready = subprocess.run([*argv, "--ready"], capture_output=True, text=True, timeout=30)
+        assert ready.returncode == 0 and "/readyz" in ready.stdout and "ready" in ready.stdout
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
-    down = subprocess.run(healthcheck_argv(metrics), capture_output=True, timeout=30)
-    assert down.returncode != 0
+    down = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1
+    assert f"127.0.0.1:{metrics}/healthz" in down.stderr, down.stderr
+
+
+def test_health_without_a_metrics_listener_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "smtpguard.yaml"
+    config.write_text(yaml.safe_dump({"metrics": {"enabled": False}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "smtpguard", "health", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "metrics.enabled" in done.stderr
 
 
 def load_yaml(path: Path) -> Any:
