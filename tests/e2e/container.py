@@ -27,7 +27,6 @@ import os
 import resource
 import shutil
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -85,15 +84,9 @@ class Podman:
         ]
 
     def run(
-        self, *args: str, check: bool = True, timeout: float = 120, stdin: bytes | None = None
+        self, *args: str, check: bool = True, timeout: float = 120
     ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            self.argv(*args),
-            input=stdin.decode("latin-1") if stdin is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
         if check and done.returncode != 0:
             raise PeerError(
                 f"podman {' '.join(args[:3])} ... exited {done.returncode}:\n"
@@ -156,16 +149,6 @@ class Podman:
 
     def inspect(self, what: str, name: str, template: str) -> str:
         return self.run(what, "inspect", name, "--format", template).stdout.strip()
-
-    def wait_for_log(self, name: str, text: str, timeout: float = 20) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            logs = self.logs(name)
-            if text in logs:
-                return logs
-            if time.monotonic() > deadline:
-                raise PeerError(f"{text!r} not in the logs of {name} within {timeout}s:\n{logs}")
-            time.sleep(0.2)
 
     def logs(self, name: str) -> str:
         done = self.run("logs", name, check=False)
