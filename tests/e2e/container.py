@@ -34,8 +34,23 @@ from peers import PeerError, find_program
 
 BASE_IMAGE = "docker.io/library/python:3.11-slim"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-DEBIAN_MIRROR = os.environ.get("SMTPGUARD_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "smtpguard-tests"
+
+
+def _debian_mirror() -> str:
+    """The mirror apt uses here (the one reachable), else deb.debian.org."""
+    if "SMTPGUARD_TEST_DEBIAN_MIRROR" in os.environ:
+        return os.environ["SMTPGUARD_TEST_DEBIAN_MIRROR"]
+    sources = [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]
+    for path in sources:
+        if not path.is_file() or not path.name.endswith((".list", ".sources")):
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            kind, *rest = line.split() or [""]
+            for url in rest if kind in ("URIs:", "deb") else []:
+                if url.startswith("http") and url.rstrip("/").endswith("/debian"):
+                    return url
+    return "http://deb.debian.org/debian"
 
 
 def _codename() -> str:
@@ -167,7 +182,7 @@ def _debian_python_rootfs(rootfs: Path) -> Path:
     shutil.rmtree(rootfs, ignore_errors=True)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     _check_run(
-        [debootstrap, "--variant=minbase", _codename(), str(rootfs), DEBIAN_MIRROR], timeout=900
+        [debootstrap, "--variant=minbase", _codename(), str(rootfs), _debian_mirror()], timeout=900
     )
     shutil.copy("/etc/resolv.conf", rootfs / "etc" / "resolv.conf")
     _check_run(["mount", "-t", "proc", "proc", str(rootfs / "proc")])
