@@ -19,6 +19,7 @@ from .metrics import Metrics, serve_http
 from .proxy import Proxy
 from .workers import (
     LISTEN_FDS_ENV,
+    RESTARTED_ENV,
     UPSTREAM_ENV,
     WORKER_ENV,
     supervise,
@@ -59,6 +60,8 @@ async def serve(config: Config, path: str | None = None) -> None:
     worker = os.environ.get(WORKER_ENV)
     metrics = Metrics()
     metrics.config_loaded(True)
+    if worker is not None and os.environ.get(RESTARTED_ENV):
+        metrics.worker_restarts.inc()
     # Signals are ours from the start (a SIGTERM while starting is a clean stop).
     signals_cm = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     try:

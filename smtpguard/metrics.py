@@ -172,7 +172,8 @@ class Metrics:
                 self.policy_actions.labels(defence.value, action)
         self.upstream_up = Gauge(
             "smtpguard_upstream_up",
-            "1 if the last connection to this upstream (by its index in the config) worked",
+            "1 if the last connection to this upstream (by its index in the config) worked,"
+            " 0 if it failed; no series until it is tried",
             ["upstream"],
             registry=r,
             multiprocess_mode="livemin",
@@ -212,6 +213,13 @@ class Metrics:
             "When the configuration in use was loaded",
             registry=r,
             multiprocess_mode="livemax",
+        )
+        # Counted by the worker the supervisor started in a dead one's place
+        # (``workers: N``); summed over workers, dead ones included.
+        self.worker_restarts = Counter(
+            "smtpguard_worker_restarts",
+            "Worker processes started again after one died (workers: N)",
+            registry=r,
         )
         for verb in CLIENT_VERBS:
             self.forwarded.labels(verb.value)

@@ -796,8 +796,9 @@ class Proxy:
         self.upstreams: tuple[Address, ...] = tuple(everything)
         self._upstream_index = {a: i for i, a in enumerate(self.upstreams)}
         self._round_robin: dict[tuple[Address, ...], int] = {}
-        for i in range(len(self.upstreams)):
-            self.metrics.upstream_up.labels(str(i))
+        # No ``smtpguard_upstream_up`` series until an upstream is tried: a
+        # backup never needed is not "down" (and with workers, one that has
+        # not tried an upstream must not pull the others' minimum to 0).
 
     def _upstreams_for(self, listener: Listener | None) -> tuple[Address, ...]:
         own = listener.upstreams if listener is not None else ()

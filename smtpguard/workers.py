@@ -40,6 +40,9 @@ SUPERVISOR_ENV = "SMTPGUARD_SUPERVISOR_PID"
 #: Set in a worker's environment: the listening sockets' descriptors, one per
 #: configured listener, in order (made by the supervisor, inherited).
 LISTEN_FDS_ENV = "SMTPGUARD_LISTEN_FDS"
+#: Set in a worker's environment when it replaces one that died (it counts
+#: itself in ``smtpguard_worker_restarts_total``).
+RESTARTED_ENV = "SMTPGUARD_WORKER_RESTARTED"
 #: Set in a worker's environment when the supervisor runs the embedded sink.
 UPSTREAM_ENV = "SMTPGUARD_UPSTREAM"
 RESTART_DELAY_SECONDS = 1.0
@@ -143,10 +146,11 @@ async def supervise(config: Config, argv: list[str]) -> None:
                     )
 
                 async def worker(index: int) -> None:
+                    restarted: dict[str, str] = {}
                     while not stopping:
                         proc = await trio.lowlevel.open_process(
                             [sys.executable, "-m", "smtpguard", *argv],
-                            env={**env, WORKER_ENV: str(index)},
+                            env={**env, **restarted, WORKER_ENV: str(index)},
                             pass_fds=fds,
                         )
                         procs[index] = proc
@@ -161,6 +165,7 @@ async def supervise(config: Config, argv: list[str]) -> None:
                             "worker died, restarting",
                             extra=fields(worker=index, pid=proc.pid, exit_code=code),
                         )
+                        restarted = {RESTARTED_ENV: "1"}
                         await trio.sleep(RESTART_DELAY_SECONDS)
 
                 for index in range(config.workers):

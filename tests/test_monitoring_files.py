@@ -46,12 +46,16 @@ REQUIRED_PANELS = (
     "Message size p50 / p99",
     "HELP handling (local vs forwarded)",
     "Build info",
+    "Upstream health (failover)",
+    "Worker restarts",
 )
 REQUIRED_ALERTS = {
     "SMTPGuardViolationSpike",
     "SMTPGuardUpstreamDown",
     "SMTPGuardHigh421Rate",
     "SMTPGuardUpstreamLatencyP99High",
+    "SMTPGuardUpstreamFailover",
+    "SMTPGuardWorkerRestarts",
 }
 #: Series that are not smtpguard's but that alert rules may read.
 PROMETHEUS_SERIES = {"up"}
@@ -92,7 +96,7 @@ def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
 def test_promtool_check_rules() -> None:
     result = promtool("check", "rules", str(ALERTS.relative_to(REPO_ROOT)))
     assert_ok(result)
-    assert "4 rules found" in result.stdout
+    assert f"{len(REQUIRED_ALERTS)} rules found" in result.stdout
 
 
 def test_promtool_test_rules() -> None:

@@ -202,3 +202,38 @@ async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
         "smtpguard_upstream_connect_failures_total", {"reason": "refused"}
     )
     assert failures == 1
+
+
+async def test_a_backup_upstream_never_tried_has_no_health_series() -> None:
+    """Ordered failover with a healthy first upstream: the second is never
+    connected to, so it has no ``smtpguard_upstream_up`` series (not a 0 that
+    would read as "down" on the dashboard and in the failover alert)."""
+    primary, backup = NamedUpstream(b"primary"), NamedUpstream(b"backup")
+    registry = CollectorRegistry()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            ports = []
+            for upstream in (primary, backup):
+                started = await nursery.start(
+                    functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
+                )
+                ports.append(started[0].socket.getsockname()[1])
+            config = load(
+                {
+                    "listen": "127.0.0.1:0",
+                    "upstream": [f"127.0.0.1:{port}" for port in ports],
+                    "workers": 1,
+                }
+            )
+            proxy = Proxy(config, Metrics(registry))
+            [listener] = await nursery.start(proxy.serve)
+            client = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+            assert await read_replies(client, 1) == [b"220 primary ESMTP\r\n"]
+            await client.send_all(b"QUIT\r\n")
+            assert await read_replies(client, 1) == [b"221 2.0.0 bye\r\n"]
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+    assert (primary.sessions, backup.sessions) == (1, 0)
+    up = registry.get_sample_value
+    assert up("smtpguard_upstream_up", {"upstream": "0"}) == 1.0
+    assert up("smtpguard_upstream_up", {"upstream": "1"}) is None

@@ -166,6 +166,8 @@ def test_failover_to_the_next_upstream_and_round_robin(postfix: Postfix, postfix
         assert guard.metric("smtpguard_upstream_up", upstream="1") == 1
         assert guard.metric("smtpguard_upstream_connect_failures_total", reason="refused") == 2
         assert guard.metric("smtpguard_sessions_closed_total", reason="quit") == 2
+        # What SMTPGuardUpstreamDown watches stays at 0: no session was refused.
+        assert guard.metric("smtpguard_sessions_closed_total", reason="upstream_refused") == 0
     other = postfix_factory()
     offsets = (postfix.log_offset(), other.log_offset())
     with Guard(

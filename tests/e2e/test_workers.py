@@ -75,6 +75,7 @@ def test_workers_share_the_port_and_metrics_are_summed(postfix: Postfix) -> None
         assert "worker died, restarting" in guard.log()
         for _ in range(10):
             session(guard.port)
+        wait_metric(guard, 1, "smtpguard_worker_restarts_total")
 
         assert guard.proc is not None
         guard.proc.send_signal(signal.SIGTERM)
