@@ -148,6 +148,17 @@ class NamedUpstream:
         await stream.send_all(b"221 2.0.0 bye\r\n")
 
 
+async def serve_upstreams(nursery: trio.Nursery, *upstreams: NamedUpstream) -> list[int]:
+    """Serve each upstream on a free loopback port; their ports, in order."""
+    ports = []
+    for upstream in upstreams:
+        started = await nursery.start(
+            functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
+        )
+        ports.append(started[0].socket.getsockname()[1])
+    return ports
+
+
 async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
     """``listen: [{address, upstream: [...]}]``: a listener with its own
     upstream list uses it (failing over past a dead one); the others use the
@@ -159,12 +170,7 @@ async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
     registry = CollectorRegistry()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            ports = []
-            for upstream in (alpha, beta):
-                started = await nursery.start(
-                    functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
-                )
-                ports.append(started[0].socket.getsockname()[1])
+            ports = await serve_upstreams(nursery, alpha, beta)
             config = load(
                 {
                     "listen": [
@@ -212,12 +218,7 @@ async def test_a_backup_upstream_never_tried_has_no_health_series() -> None:
     registry = CollectorRegistry()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            ports = []
-            for upstream in (primary, backup):
-                started = await nursery.start(
-                    functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
-                )
-                ports.append(started[0].socket.getsockname()[1])
+            ports = await serve_upstreams(nursery, primary, backup)
             config = load(
                 {
                     "listen": "127.0.0.1:0",
