@@ -485,22 +485,23 @@ class Connection:
     def _rearm(self) -> None:
         """Move the one deadline that applies now (RFC 5321 4.5.3.2).
 
-        While the upstream owes a reply, its per-command timeout runs; else
-        the client's: per command (partial bytes do not extend it, so a
-        client trickling a byte a minute is still cut off), or per chunk
-        while it sends a message body.
+        While the client sends a message body (DATA, or a BDAT chunk, whose
+        BDAT line the upstream already has) the client's data timeout runs,
+        per chunk read; else, while the upstream owes a reply, its
+        per-command timeout; else the client's per command (partial bytes do
+        not extend it, so a client trickling a byte a minute is still cut off).
         """
         s = self.session
-        if s.awaiting_upstream:
-            a, b = s.upstream_replies, 0
-            if self._deadline_kind == _UP and a == self._deadline_a:
-                return  # same reply still owed: keep its deadline
-            kind, timeout = _UP, _reply_timeout(self.timeouts, s.head_step)
-        elif s.in_body:
+        if s.in_body:
             a, b = self._client_reads, 0
             if self._deadline_kind == _BODY and a == self._deadline_a:
                 return
             kind, timeout = _BODY, self.timeouts.client_data_seconds
+        elif s.awaiting_upstream:
+            a, b = s.upstream_replies, 0
+            if self._deadline_kind == _UP and a == self._deadline_a:
+                return  # same reply still owed: keep its deadline
+            kind, timeout = _UP, _reply_timeout(self.timeouts, s.head_step)
         else:
             a, b = s.commands_seen, s.upstream_replies
             if self._deadline_kind == _CMD and a == self._deadline_a and b == self._deadline_b:
@@ -546,7 +547,7 @@ class Connection:
             self._end()
             return
         if now >= self._deadline and not session.closed:
-            if session.awaiting_upstream:
+            if self._deadline_kind == _UP:  # whose deadline it was (see _rearm)
                 session.upstream_timeout()
             else:
                 session.client_timeout()

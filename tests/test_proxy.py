@@ -21,9 +21,15 @@ class FakeUpstream:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, pipelining: bool = True, auth: bool = False
+        self,
+        stream: trio.abc.Stream,
+        pipelining: bool = True,
+        auth: bool = False,
+        chunking: bool = False,
     ) -> None:
         self.stream = stream
+        self.chunking = chunking  # offer CHUNKING; BDAT chunks answered 250 (or refused)
+        self.refuse_chunks = False  # answer every BDAT chunk 551, as Postfix a null one
         self.received = bytearray()
         self.lines: list[bytes] = []
         self.bodies: list[bytes] = []  # each DATA body, up to the CRLF before the dot
@@ -40,6 +46,7 @@ class FakeUpstream:
     async def run(self) -> None:
         buf = bytearray()
         in_data = False
+        chunk_left = -1  # bytes of a BDAT chunk still to come (-1: none)
         try:
             await self.stream.send_all(b"220 fake ESMTP\r\n")
             while True:
@@ -49,6 +56,19 @@ class FakeUpstream:
                 self.received += chunk
                 buf += chunk
                 while True:
+                    if chunk_left >= 0:
+                        taken = min(chunk_left, len(buf))
+                        del buf[:taken]
+                        chunk_left -= taken
+                        if chunk_left:
+                            break
+                        chunk_left = -1
+                        await self.stream.send_all(
+                            b"551 5.7.1 chunk refused\r\n"
+                            if self.refuse_chunks
+                            else b"250 2.0.0 chunk ok\r\n"
+                        )
+                        continue
                     if in_data:
                         end = buf.find(b"\r\n.\r\n")
                         if end < 0:
@@ -70,6 +90,9 @@ class FakeUpstream:
                     if self.silent:
                         continue
                     verb = line.split(b" ")[0].upper()
+                    if verb == b"BDAT":
+                        chunk_left = int(line.split(b" ")[1])
+                        continue
                     await self._answer(verb)
                     if verb == b"DATA":
                         in_data = True
@@ -84,6 +107,7 @@ class FakeUpstream:
         if verb == b"EHLO":
             caps = b"250-PIPELINING\r\n" if self.pipelining else b""
             caps += b"250-AUTH PLAIN\r\n" if self.auth else b""
+            caps += b"250-CHUNKING\r\n" if self.chunking else b""
             await self.stream.send_all(b"250-fake\r\n" + caps + b"250 ENHANCEDSTATUSCODES\r\n")
         elif verb == b"DATA":
             await self.stream.send_all(b"354 go ahead\r\n")
@@ -131,12 +155,12 @@ async def read_to_eof(stream: trio.abc.Stream) -> bytes:
 
 
 async def start(
-    nursery: trio.Nursery, pipelining: bool = True, **raw: object
+    nursery: trio.Nursery, pipelining: bool = True, chunking: bool = False, **raw: object
 ) -> tuple[trio.abc.Stream, FakeUpstream, CollectorRegistry]:
     registry = CollectorRegistry()
     client, proxy_side = trio.testing.memory_stream_pair()
     up_proxy_side, up_side = trio.testing.memory_stream_pair()
-    upstream = FakeUpstream(up_side, pipelining)
+    upstream = FakeUpstream(up_side, pipelining, chunking=chunking)
 
     async def connect() -> trio.abc.Stream:
         nursery.start_soon(upstream.run)
@@ -265,6 +289,60 @@ async def test_long_data_reply_wait_does_not_trip_the_client_timeout(
         out = await read_to_eof(client)
         assert out.startswith(b"421 4.4.2 guard.test Error: mail server timeout")
         assert trio.current_time() - t0 >= 99
+
+
+async def test_a_client_silent_inside_a_bdat_chunk_gets_the_client_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The BDAT line is forwarded at once, so the upstream "owes" its reply, but
+    the bytes it waits for are the client's: the client's data timeout applies
+    and the close is the client's, not the upstream's (found by fuzzing: it
+    used to wait for data_end_seconds and blame the upstream)."""
+    for announce in (b"BDAT 1000\r\nSubject: x\r\n", b"BDAT 1000 LAST\r\n"):
+        async with trio.open_nursery() as nursery:
+            client, upstream, registry = await start(
+                nursery,
+                chunking=True,
+                timeouts={"client_data_seconds": 60, "data_end_seconds": 600},
+            )
+            await read_replies(client, 1)
+            await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n" + announce)
+            assert b"CHUNKING" in (await read_replies(client, 3))[0]
+            t0 = trio.current_time()
+            assert await read_to_eof(client) == b"421 4.4.2 guard.test Error: timeout exceeded\r\n"
+            assert 59 <= trio.current_time() - t0 <= 61
+        assert value(registry, "smtpguard_sessions_closed_total", reason="client_timeout") == 1
+        assert value(registry, "smtpguard_sessions_closed_total", reason="upstream_timeout") == 0
+
+
+async def test_after_a_refused_bdat_chunk_rcpt_and_data_are_answered_locally() -> None:
+    """A refused chunk fails the transaction but keeps it in BDAT mode, as
+    Postfix does ("503 5.5.1 Error: RCPT after BDAT"); BDAT ... LAST ends it
+    whatever the reply ("need MAIL command"). The upstream sees no command out
+    of sequence (found by fuzzing against Postfix: they used to be forwarded)."""
+    async with trio.open_nursery() as nursery:
+        client, upstream, registry = await start(nursery, chunking=True)
+        upstream.refuse_chunks = True
+        await read_replies(client, 1)
+        await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 3\r\nabc")
+        assert (await read_replies(client, 4))[3] == b"551 5.7.1 chunk refused\r\n"
+        await client.send_all(b"RCPT TO:<c@x>\r\nDATA\r\n")
+        replies = await read_replies(client, 2)
+        assert all(reply.startswith(b"503 5.5.1 ") for reply in replies), replies
+        await client.send_all(b"BDAT 0 LAST\r\nRCPT TO:<c@x>\r\nQUIT\r\n")
+        replies = await read_replies(client, 3)
+        assert replies[0] == b"551 5.7.1 chunk refused\r\n"
+        assert replies[1] == b"503 5.5.1 Error: need MAIL before RCPT\r\n"
+        assert replies[2] == b"221 2.0.0 bye\r\n"
+    assert upstream.lines == [
+        b"EHLO c",
+        b"MAIL FROM:<a@x>",
+        b"RCPT TO:<b@x>",
+        b"BDAT 3",
+        b"BDAT 0 LAST",
+        b"QUIT",
+    ]
+    assert value(registry, "smtpguard_local_replies_total", code="503") == 3
 
 
 async def test_upstream_unreachable_gives_421_and_is_counted() -> None:

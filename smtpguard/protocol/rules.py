@@ -234,8 +234,12 @@ TRANSITIONS: dict[Verb, dict[int, Phase]] = {
     Verb.DATA: {3: Phase.DATA},
     # A 3xx to the final dot is an upstream bug; the transaction is over anyway.
     Verb.DATA_END: {2: Phase.READY, 3: Phase.READY, 4: Phase.READY, 5: Phase.READY},
-    Verb.BDAT: {2: Phase.BDAT},
-    Verb.BDAT_LAST: {2: Phase.READY},
+    # A chunk refused (4xx/5xx) fails the transaction but leaves it in BDAT
+    # mode: only more BDAT (discarded by the server until LAST) or RSET may
+    # follow, RCPT and DATA may not; BDAT ... LAST ends it whatever the reply
+    # (RFC 3030 2; Postfix's smtpd: "RCPT after BDAT", "need MAIL command").
+    Verb.BDAT: {2: Phase.BDAT, 4: Phase.BDAT, 5: Phase.BDAT},
+    Verb.BDAT_LAST: {2: Phase.READY, 4: Phase.READY, 5: Phase.READY},
     Verb.AUTH: {2: Phase.READY, 3: Phase.AUTH},
     Verb.AUTH_RESPONSE: {2: Phase.READY, 3: Phase.AUTH, 4: Phase.READY, 5: Phase.READY},
     Verb.STARTTLS: {2: Phase.CONNECTED},

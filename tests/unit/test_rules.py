@@ -137,8 +137,14 @@ _T = [
     (Phase.DATA, Verb.DATA_END, 5, Phase.READY),
     (Phase.DATA, Verb.DATA_END, 4, Phase.READY),
     (Phase.RCPT, Verb.BDAT, 2, Phase.BDAT),
-    (Phase.RCPT, Verb.BDAT, 5, Phase.RCPT),
+    # A refused chunk: still a BDAT transaction (failed), as Postfix keeps it.
+    (Phase.RCPT, Verb.BDAT, 5, Phase.BDAT),
+    (Phase.RCPT, Verb.BDAT, 4, Phase.BDAT),
+    (Phase.BDAT, Verb.BDAT, 5, Phase.BDAT),
     (Phase.BDAT, Verb.BDAT_LAST, 2, Phase.READY),
+    # BDAT ... LAST ends the transaction whatever the reply.
+    (Phase.BDAT, Verb.BDAT_LAST, 5, Phase.READY),
+    (Phase.RCPT, Verb.BDAT_LAST, 4, Phase.READY),
     (Phase.RCPT, Verb.RSET, 2, Phase.READY),
     (Phase.CONNECTED, Verb.RSET, 2, Phase.CONNECTED),
     (Phase.READY, Verb.AUTH, 3, Phase.AUTH),
@@ -171,13 +177,15 @@ def test_flags_move_on_replies() -> None:
     assert transition(State(Phase.CONNECTED, esmtp=True), Verb.HELO, 2).esmtp is False
 
 
-def test_failed_replies_never_change_state_except_end_of_content() -> None:
+def test_failed_replies_never_change_state_except_end_of_content_and_chunks() -> None:
     for phase, step in itertools.product(Phase, Verb):
         state = State(phase, esmtp=True)
         for cls in (4, 5):
             after = transition(state, step, cls)
             if step in (Verb.DATA_END, Verb.AUTH_RESPONSE, Verb.GREETING):
                 continue
+            if step in (Verb.BDAT, Verb.BDAT_LAST):
+                continue  # a refused chunk fails the transaction (in _T above)
             assert after == state, (phase, step, cls)
 
 

@@ -98,10 +98,13 @@ class ModelUpstream:
                 if self.chunk_left:
                     return
                 self.mode = "cmd"
+                # As Postfix: a refused chunk leaves the transaction in BDAT
+                # mode (failed: RCPT and DATA are out of sequence); LAST ends
+                # it whatever the reply.
+                self.bdat = not self.chunk_last
+                if self.chunk_last:
+                    self.mail, self.rcpts = False, 0
                 if self.ok():
-                    self.bdat = not self.chunk_last
-                    if self.chunk_last:
-                        self.mail, self.rcpts = False, 0
                     self.reply(b"250 echo %s" % self.chunk_line)
                 else:
                     self.reply(b"554 echo %s" % self.chunk_line)
@@ -157,8 +160,8 @@ class ModelUpstream:
             else:
                 self.reply(b"550 " + echo)
         elif verb == b"RCPT":
-            if not self.mail:
-                return self.violation(line, "RCPT without MAIL")
+            if not self.mail or self.bdat:
+                return self.violation(line, "RCPT without MAIL or after BDAT")
             if self.ok():
                 self.rcpts += 1
                 self.reply(b"250 " + echo)
