@@ -209,6 +209,7 @@ VIOLATION_TEXT: dict[tuple[Phase, Verb], str] = {
     (Phase.RCPT, Verb.STARTTLS): "MAIL transaction in progress",
     (Phase.BDAT, Verb.STARTTLS): "MAIL transaction in progress",
     (Phase.BDAT, Verb.DATA): "DATA not allowed after BDAT; send BDAT ... LAST",
+    (Phase.BDAT, Verb.RCPT): "RCPT after BDAT; send BDAT ... LAST or RSET",
 }
 
 #: Flag-based rules: (verb, predicate name, text when the predicate fails).

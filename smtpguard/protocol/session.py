@@ -662,6 +662,8 @@ class Session:
                 return
             line, bare = taken
             if framing is Framing.SASL:
+                if b"\r" in line or b"\0" in line:
+                    line = self._bare_sasl(line)
                 self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, line)
                 continue
             if (bare or b"\r" in line) and not self._bare_command(line, bare):
@@ -710,6 +712,16 @@ class Session:
             return True  # sent on with CRLF: one command for every reader
         self._local(Verb.UNKNOWN, P.BARE_NEWLINE_COMMAND)
         return False
+
+    def _bare_sasl(self, line: bytes) -> bytes:
+        """A SASL response with a bare CR or a NUL (never in base64): what to
+        send instead.  An upstream that ends lines at a bare CR would read a
+        second line, unchecked, as a command: unless the policy only
+        observes, the exchange is cancelled (RFC 4954 4) and its 501 relayed."""
+        action = self.options.policy.smuggling
+        detail = "bare <CR> or NUL in an AUTH response"
+        self._policy(Defence.SMUGGLING, "observe" if action == "observe" else "reject", detail)
+        return line if action == "observe" else b"*"
 
     def _sent_ahead(self, data: bytes | bytearray) -> bool:
         """RFC 2920 3.1: are ``data`` sent before a reply they had to wait for?

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from smtpguard.protocol import Session, SessionOptions
-from smtpguard.protocol.policy import Defence
+from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.session import PolicyAction
 
 EHLO = (
@@ -145,3 +145,44 @@ def test_sasl_cancel_is_relayed() -> None:
     assert s.take_client_bytes().endswith(b"501 5.7.0 Authentication aborted\r\n")
     s.receive_client(b"MAIL FROM:<a@b>\r\n")
     assert s.take_upstream_bytes() == b"MAIL FROM:<a@b>\r\n"
+
+
+def smuggling(s: Session) -> list[tuple[str, str]]:
+    return [
+        (e.action, e.detail)
+        for e in s.take_events()
+        if isinstance(e, PolicyAction) and e.defence is Defence.SMUGGLING
+    ]
+
+
+def test_sasl_response_with_a_bare_cr_or_nul_cancels_the_exchange() -> None:
+    """Found by fuzzing: command lines with a bare CR were refused, SASL lines
+    were forwarded as they were. An upstream that ends lines at a bare CR would
+    read ``RCPT TO:<x@y>`` below as a command smtpguard never checked."""
+    for response in (b"dXNl\rRCPT TO:<x@y>", b"dXNl\0cg=="):
+        s = greeted(auth_require_tls=False)
+        ehlo(s)
+        s.receive_client(b"AUTH LOGIN\r\n")
+        assert s.take_upstream_bytes() == b"AUTH LOGIN\r\n"
+        s.receive_upstream(b"334 VXNlcm5hbWU6\r\n")
+        s.take_client_bytes()
+        s.take_events()
+        s.receive_client(response + b"\r\n")
+        assert s.take_upstream_bytes() == b"*\r\n"
+        assert smuggling(s) == [("reject", "bare <CR> or NUL in an AUTH response")]
+        s.receive_upstream(b"501 5.7.0 Authentication aborted\r\n")
+        assert s.take_client_bytes() == b"501 5.7.0 Authentication aborted\r\n"
+        s.receive_client(b"MAIL FROM:<a@b>\r\n")
+        assert s.take_upstream_bytes() == b"MAIL FROM:<a@b>\r\n"
+
+
+def test_sasl_response_with_a_bare_cr_in_observe_mode_goes_on_unchanged() -> None:
+    s = greeted(auth_require_tls=False, policy=Policy(smuggling="observe"))
+    ehlo(s)
+    s.receive_client(b"AUTH LOGIN\r\n")
+    s.take_upstream_bytes()
+    s.receive_upstream(b"334 VXNlcm5hbWU6\r\n")
+    s.take_events()
+    s.receive_client(b"dXNl\rcg==\r\n")
+    assert s.take_upstream_bytes() == b"dXNl\rcg==\r\n"
+    assert smuggling(s) == [("observe", "bare <CR> or NUL in an AUTH response")]
