@@ -310,3 +310,38 @@ def test_nc_example_from_the_issue(guard: Guard, postfix: Postfix) -> None:
     assert b"503 5.5.1 Error: need MAIL before RCPT\r\n" in result.stdout
     counts = postfix.wait_for_disconnect(offset)
     assert "rcpt" not in counts
+
+
+def test_after_postfix_refuses_a_bdat_chunk_it_sees_no_command_out_of_order(
+    postfix_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """Postfix refuses a chunk over its size limit (552) and keeps the failed
+    transaction in BDAT mode: smtpguard answers RCPT and DATA itself then, and
+    after BDAT ... LAST (refused too) a RCPT needs MAIL. Postfix's own log
+    shows it got one RCPT and no DATA: it never had to answer out of order."""
+    pf = postfix_factory(extra_main_cf={"message_size_limit": "2000"})
+    offset = pf.log_offset()
+    with Guard(f"{pf.host}:{pf.port}") as g, RawClient(g.port) as client:
+        client.reply()
+        client.send(b"EHLO c\r\n")
+        assert b"CHUNKING" in client.reply()
+        client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\n")
+        assert [r[:3] for r in client.replies(2)] == [b"250", b"250"]
+        client.send(b"BDAT 3000\r\n" + b"x" * 2998 + b"\r\n")
+        refused = client.reply()
+        assert refused.startswith(b"552 "), refused
+        client.send(b"RCPT TO:<c@example.org>\r\nDATA\r\n")
+        assert client.replies(2) == [
+            b"503 5.5.1 Error: RCPT after BDAT; send BDAT ... LAST or RSET\r\n",
+            b"503 5.5.1 Error: DATA not allowed after BDAT; send BDAT ... LAST\r\n",
+        ]
+        client.send(b"BDAT 2 LAST\r\nxy")
+        assert client.reply()[:1] == b"5"  # discarded after the earlier error
+        client.send(b"RCPT TO:<c@example.org>\r\nQUIT\r\n")
+        assert client.replies(2) == [
+            b"503 5.5.1 Error: need MAIL before RCPT\r\n",
+            b"221 2.0.0 Bye\r\n",
+        ]
+    counts = pf.wait_for_disconnect(offset)
+    assert counts["rcpt"] == "1" and "data" not in counts, counts
+    assert counts["bdat"] == "0/2", counts
