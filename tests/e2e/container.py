@@ -185,7 +185,8 @@ def _debian_python_rootfs(rootfs: Path) -> Path:
         [debootstrap, "--variant=minbase", _codename(), str(rootfs), _debian_mirror()], timeout=900
     )
     shutil.copy("/etc/resolv.conf", rootfs / "etc" / "resolv.conf")
-    _check_run(["mount", "-t", "proc", "proc", str(rootfs / "proc")])
+    # /proc for the maintainer scripts that want it (apt works without, if need be).
+    mounted = subprocess.run(["mount", "-t", "proc", "proc", str(rootfs / "proc")]).returncode == 0
     try:
         _check_run(
             [
@@ -202,7 +203,8 @@ def _debian_python_rootfs(rootfs: Path) -> Path:
             timeout=900,
         )
     finally:
-        subprocess.run(["umount", str(rootfs / "proc")], check=False)
+        if mounted:
+            subprocess.run(["umount", str(rootfs / "proc")], check=False)
     # As in the official image: pip installs into the system interpreter; `python`, `pip`.
     for marker in rootfs.glob("usr/lib/python3*/EXTERNALLY-MANAGED"):
         marker.unlink()
