@@ -238,7 +238,14 @@ class Metrics:
         for handling in ("local", "forwarded"):
             self.help.labels(handling)
         # Label look-ups cost more than the increments: keep the children.
-        self._forwarded = {v: self.forwarded.labels(v.value) for v in Verb}
+        # ``BDAT n LAST`` is counted as BDAT: the label set is the client
+        # verbs plus DATA_END and AUTH_RESPONSE (the greeting is not sent).
+        self._forwarded: dict[Verb, Any] = {
+            v: self.forwarded.labels(v.value)
+            for v in Verb
+            if v is not Verb.BDAT_LAST and v is not Verb.GREETING
+        }
+        self._forwarded[Verb.BDAT_LAST] = self._forwarded[Verb.BDAT]
         self._latency = {v: _Batch.of(self.upstream_latency.labels(v.value)) for v in Verb}
         self._batches: list[_Batch] = []  # histograms with observations to flush
         self._bytes = {
@@ -305,8 +312,9 @@ class Metrics:
         pending = self._pending
         for event in events:
             if type(event) is Forwarded:
-                fwd = self._forwarded[event.step]
-                pending[fwd] = pending.get(fwd, 0) + 1
+                fwd = self._forwarded.get(event.step)
+                if fwd is not None:
+                    pending[fwd] = pending.get(fwd, 0) + 1
                 if event.step is Verb.HELP:
                     self.help.labels("forwarded").inc()
             elif type(event) is UpstreamReplied:

@@ -465,10 +465,11 @@ class Connection:
                         state=event.phase.value,
                         command=event.verb.value,
                         expected=event.expected,
-                        action="reject",
+                        action=event.action,
                     ),
                 )
-            elif type(event) is PolicyAction:
+            elif type(event) is PolicyAction and event.defence is not Defence.SEQUENCE:
+                # A sequence violation is logged once, as ``event=violation``.
                 log.info(
                     "policy",
                     extra=fields(

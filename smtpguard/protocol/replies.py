@@ -34,8 +34,13 @@ UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 #: A command line that is not text (NUL byte, not ASCII verb).
 BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")
-#: BDAT without a valid size.
-BAD_BDAT = Reply(501, "5.5.4", "Error: syntax: BDAT chunk-size [LAST]")
+#: BDAT without a valid size: what follows cannot be framed, so the session
+#: ends (Postfix: 521 and hang up).
+BAD_BDAT = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")
+#: A verb of a service extension that was not offered (RFC 5321 4.2.4).
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+#: AUTH when the upstream offers no AUTH (Postfix's text).
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
 #: STARTTLS while smtpguard has no TLS configured (Postfix says the same).
 STARTTLS_UNAVAILABLE = Reply(502, "5.5.1", "Error: command not implemented")
 #: STARTTLS accepted: the TLS handshake follows (RFC 3207).

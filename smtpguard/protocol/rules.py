@@ -71,6 +71,8 @@ class Verb(FastEnum):
     EXPN = "EXPN"
     AUTH = "AUTH"
     STARTTLS = "STARTTLS"
+    #: RFC 1985: start the queue for a domain (only if the upstream offers it).
+    ETRN = "ETRN"
     #: Identity commands meant for trusted proxies only; never forwarded.
     XCLIENT = "XCLIENT"
     XFORWARD = "XFORWARD"
@@ -155,7 +157,7 @@ PERMITTED: dict[Phase, frozenset[Verb]] = {
     Phase.GREETING: frozenset(),
     Phase.REJECTED: frozenset({Verb.QUIT}),
     Phase.CONNECTED: _ANYTIME | {Verb.STARTTLS},
-    Phase.READY: _ANYTIME | {Verb.MAIL, Verb.AUTH, Verb.STARTTLS},
+    Phase.READY: _ANYTIME | {Verb.MAIL, Verb.AUTH, Verb.STARTTLS, Verb.ETRN},
     Phase.MAIL: _ANYTIME | {Verb.RCPT},
     Phase.RCPT: _ANYTIME | {Verb.RCPT, Verb.DATA, Verb.BDAT},
     Phase.DATA: frozenset(),
@@ -208,6 +210,9 @@ VIOLATION_TEXT: dict[tuple[Phase, Verb], str] = {
     (Phase.MAIL, Verb.STARTTLS): "MAIL transaction in progress",
     (Phase.RCPT, Verb.STARTTLS): "MAIL transaction in progress",
     (Phase.BDAT, Verb.STARTTLS): "MAIL transaction in progress",
+    (Phase.MAIL, Verb.ETRN): "MAIL transaction in progress",
+    (Phase.RCPT, Verb.ETRN): "MAIL transaction in progress",
+    (Phase.BDAT, Verb.ETRN): "MAIL transaction in progress",
     (Phase.BDAT, Verb.DATA): "DATA not allowed after BDAT; send BDAT ... LAST",
     (Phase.BDAT, Verb.RCPT): "RCPT after BDAT; send BDAT ... LAST or RSET",
 }
@@ -220,6 +225,15 @@ GUARDS: dict[Verb, tuple[tuple[str, bool, str], ...]] = {
         ("authenticated", False, "already authenticated"),
     ),
     Verb.BDAT: (("esmtp", True, "send EHLO first"),),
+}
+
+#: Verbs of a service extension: forwarded only when the upstream advertised
+#: the keyword in its EHLO reply (and smtpguard relayed it), else answered
+#: locally.  RFC 5321 2.2.1: a client uses an extension only once offered.
+EXTENSION_OF: dict[Verb, bytes] = {
+    Verb.BDAT: b"CHUNKING",
+    Verb.ETRN: b"ETRN",
+    Verb.AUTH: b"AUTH",
 }
 
 

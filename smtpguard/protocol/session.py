@@ -35,18 +35,21 @@ A DATA body streams straight through: the session only looks for
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import ehlo
 from . import policy as P
 from . import replies as R
 from .body import BodyFilter
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
 from .policy import Defence, Policy
 from .rules import (
+    EXTENSION_OF,
     HOLD,
     LOCAL_ONLY,
+    RSET_ENDS,
     VERB_BY_NAME,
     Framing,
     Phase,
@@ -58,10 +61,6 @@ from .rules import (
     transition,
     verdict,
 )
-
-#: EHLO keywords never passed to clients: identity commands for trusted
-#: proxies only, and STARTTLS, which smtpguard cannot mediate by relaying.
-ALWAYS_DISCARDED = frozenset({b"XCLIENT", b"XFORWARD", b"STARTTLS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +107,7 @@ class Violation(NamedTuple):
     verb: Verb
     phase: Phase
     expected: str
+    action: str = "reject"  #: what was done: observe, reject or disconnect
 
 
 class LocalReply(NamedTuple):
@@ -158,14 +158,21 @@ Render = Callable[[bool], bytes]
 
 
 class _Slot:
-    """One reply owed to the client."""
+    """One reply owed to the client (or, ``internal``, to smtpguard itself)."""
 
-    __slots__ = ("verb", "step", "reply")
+    __slots__ = ("verb", "step", "reply", "size", "internal")
 
-    def __init__(self, verb: Verb, step: Verb, reply: bytes | Render | None = None) -> None:
+    def __init__(
+        self, verb: Verb, step: Verb, reply: bytes | Render | None = None, internal: bool = False
+    ) -> None:
         self.verb = verb  #: the client's verb (for metrics)
         self.step = step  #: what the upstream answers (for transitions)
         self.reply = reply  #: the bytes to send (or how to render them), once known
+        #: The message's size, for the reply to its end (DATA_END, BDAT_LAST).
+        self.size = 0
+        #: A command smtpguard sent on its own (an RSET keeping the upstream
+        #: in line): its reply is consumed, never relayed.
+        self.internal = internal
 
 
 class Session:
@@ -180,6 +187,7 @@ class Session:
         "_body",
         "_body_open",
         "_body_reported",
+        "_caps",
         "_client_buf",
         "_client_done",
         "_client_pipelining",
@@ -191,11 +199,13 @@ class Session:
         "_final",
         "_held",
         "_inflight",
+        "_last_chunk",
         "_line_bytes",
         "_message_bytes",
         "_parser",
         "_possible",
         "_rcpts",
+        "_reidentify",
         "_replies_queued",
         "_size_reported",
         "_slots",
@@ -205,6 +215,7 @@ class Session:
         "_to_client",
         "_to_upstream",
         "_unknown",
+        "_upstream_ehlo",
         "_upstream_pipelining",
         "_upstream_replies",
         "_violation_count",
@@ -247,6 +258,14 @@ class Session:
         #: owed reply is out (None: none), and the close reason.
         self._final: tuple[R.Reply | None, str] | None = None
         self._client_pipelining = False  # PIPELINING offered in our EHLO reply
+        self._caps = ehlo.NO_EXTENSIONS  # what the upstream and the client were offered
+        #: The upstream's last EHLO reply lines (for the EHLO after STARTTLS).
+        self._upstream_ehlo: Sequence[bytes] | None = None
+        #: STARTTLS ended the client's EHLO state but not the upstream's: its
+        #: next EHLO/HELO is answered from the upstream's capabilities.
+        self._reidentify = False
+        #: The BDAT LAST chunk still being streamed (its slot gets the size).
+        self._last_chunk: _Slot | None = None
         self._rcpts = 0  # RCPTs forwarded in this transaction
         self._unknown = 0
         self._errors = 0
@@ -538,21 +557,30 @@ class Session:
         self._inflight.popleft()
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
+        if slot.internal:
+            self._recompute_possible()
+            if cls != 2:
+                # The upstream refused to end its transaction: it and the
+                # client no longer agree on the session, so it ends here.
+                self._fail(R.UPSTREAM_LOST, "upstream_error")
+            return
         self._events.append(_replied(step, reply.code))
         if cls >= 4 and reply.code != 421:
             self._count_error()
         data = reply.raw
         if step is Verb.EHLO and cls == 2:
-            data = self._rewrite_ehlo(reply)
-        elif cls == 2 and step in (Verb.HELO, Verb.STARTTLS):
-            # No ESMTP after HELO; after TLS the capabilities are learnt anew.
-            self._enhanced = False
-            self._upstream_pipelining = False
-            self._client_pipelining = False
+            self._upstream_ehlo = reply.lines
+            data = self._learn_capabilities(reply.lines)
+        elif cls == 2 and step is Verb.HELO:
+            # No ESMTP after HELO.
+            self._upstream_ehlo = None
+            self._set_capabilities(ehlo.NO_EXTENSIONS)
         elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
             outcome = "accepted" if cls == 2 else "rejected"
-            self._events.append(MessageDone(outcome, self._message_bytes))
-            self._message_bytes = 0
+            size = slot.size
+            if slot is self._last_chunk:  # answered before the chunk was all sent
+                size, self._message_bytes, self._last_chunk = self._message_bytes, 0, None
+            self._events.append(MessageDone(outcome, size))
         if self.state.phase is Phase.DATA:
             self._body_open = True
             self._line_bytes = 0
@@ -568,52 +596,17 @@ class Session:
             self._flush_replies()
             self.close_reason = "quit" if step is Verb.QUIT else "upstream_closed"
 
-    def _rewrite_ehlo(self, reply: UpstreamReply) -> bytes:
-        """Relay the EHLO reply with the keywords we cannot mediate removed."""
-        opts = self.options
-        lines = reply.lines
-        first = lines[0]
-        kept: list[bytes] = [first[4:] if first[3:4] in (b"-", b" ") else b"\r\n"]
-        keywords: set[bytes] = set()
-        discard = {k.encode() for k in opts.discard_keywords} | ALWAYS_DISCARDED
-        if opts.auth_require_tls and not self.state.tls:
-            discard |= {b"AUTH", b"AUTH=LOGIN", b"AUTH=PLAIN"}
-        if not opts.chunking:
-            discard.add(b"CHUNKING")
-        if not opts.offer_pipelining:
-            discard.add(b"PIPELINING")
-        for line in lines[1:]:
-            text = line[4:]
-            keyword = text.split(None, 1)[0].upper() if text.strip() else b""
-            if not keyword or keyword in discard:
-                continue
-            keywords.add(keyword)
-            kept.append(text)
-        self._upstream_pipelining = b"PIPELINING" in keywords and opts.upstream_pipelining
-        if opts.offer_pipelining and b"PIPELINING" not in keywords:
-            kept.append(b"PIPELINING\r\n")
-        if opts.tls_offered and not self.state.tls:
-            kept.append(b"STARTTLS\r\n")
-        self._client_pipelining = opts.offer_pipelining
-        limit = opts.policy.max_message_bytes
-        if limit:
-            # Announce our own limit where it is lower than the upstream's.
-            for i, text in enumerate(kept):
-                if i and text.split(None, 1)[0].upper() == b"SIZE":
-                    value = text.split()[1:2]
-                    theirs = int(value[0]) if value and value[0].isdigit() else 0
-                    if not theirs or theirs > limit:
-                        kept[i] = b"SIZE %d\r\n" % limit
-                    break
-            else:
-                kept.append(b"SIZE %d\r\n" % limit)
-        self._enhanced = b"ENHANCEDSTATUSCODES" in keywords
-        code = lines[0][:3]
-        out = bytearray()
-        last = len(kept) - 1
-        for i, text in enumerate(kept):
-            out += code + (b" " if i == last else b"-") + text
-        return bytes(out)
+    def _learn_capabilities(self, lines: Sequence[bytes]) -> bytes:
+        """The client's EHLO reply, from the upstream's (see :mod:`.ehlo`)."""
+        data, caps = ehlo.rewrite(lines, self.options, self.state.tls)
+        self._set_capabilities(caps)
+        return data
+
+    def _set_capabilities(self, caps: ehlo.Capabilities) -> None:
+        self._caps = caps
+        self._enhanced = caps.enhanced
+        self._upstream_pipelining = caps.upstream_pipelining
+        self._client_pipelining = caps.client_pipelining
 
     # --------------------------------------------------- client processing
 
@@ -781,8 +774,11 @@ class Session:
         word = line.split(b" ", 1)[0].upper()
         verb = VERB_BY_NAME.get(word, Verb.UNKNOWN)
         if verb is not Verb.AUTH and len(line) + 2 > self.options.max_line_bytes:
-            self._local(verb, R.LINE_TOO_LONG)
-            return
+            # Service extensions raise the limit (RFC 5321 4.5.3.1.4).
+            limit = self._caps.line_limits.get(verb, self.options.max_line_bytes)
+            if len(line) + 2 > limit:
+                self._local(verb, R.LINE_TOO_LONG)
+                return
         if b"\0" in line:
             self._local(verb, R.BAD_SYNTAX)
             return
@@ -808,6 +804,11 @@ class Session:
             return False  # depends on a reply still in flight
         if verb is Verb.BDAT:
             return self._bdat(line, expected)
+        if expected is None and verb in EXTENSION_OF and not self._offered(verb):
+            self._local(verb, R.AUTH_NOT_ENABLED if verb is Verb.AUTH else R.NOT_IMPLEMENTED)
+            return True
+        if self._reidentify and (verb is Verb.EHLO or verb is Verb.HELO):
+            return self._identify_locally(verb)
         local_answer = (verb is Verb.HELP and self.options.help_local) or verb is Verb.STARTTLS
         if expected is not None:
             action = self.options.policy.sequence
@@ -815,16 +816,14 @@ class Session:
             # answering it (and starting TLS mid-transaction) would be worse.
             if action != "observe" or verb is Verb.STARTTLS:
                 action = "reject" if action == "observe" else action
-                self._violation(verb, expected)
-                self._policy(Defence.SEQUENCE, action, expected)
+                self._violation(verb, expected, action=action)
                 if action == "disconnect":
                     self._end_after_replies(None)
                 return True
         if not local_answer and self._inflight and not self._upstream_pipelining:
             return False  # the upstream takes one command at a time (decided, and reported, later)
         if expected is not None:
-            self._violation(verb, expected, local=False)
-            self._policy(Defence.SEQUENCE, "observe", expected)
+            self._violation(verb, expected, local=False, action="observe")
         elif verb is Verb.MAIL and not self._mail_size_ok(line):
             return True
         elif verb is Verb.RCPT and self._rcpts >= self.options.policy.max_recipients:
@@ -845,6 +844,57 @@ class Session:
             self._rcpts += 1
         self._forward(verb, verb, line)
         return True
+
+    def _offered(self, verb: Verb) -> bool:
+        """Did the upstream advertise ``verb``'s extension, and the client see it?
+
+        An extension smtpguard hid for policy (AUTH before TLS) still counts
+        as offered: that refusal has its own reply."""
+        keyword = EXTENSION_OF[verb]
+        caps = self._caps
+        if keyword not in caps.upstream:
+            return False
+        if keyword in caps.offered:
+            return True
+        opts = self.options
+        return (
+            verb is Verb.AUTH
+            and opts.auth_require_tls
+            and not self.state.tls
+            and "AUTH" not in opts.discard_keywords
+        )
+
+    def _identify_locally(self, verb: Verb) -> bool:
+        """EHLO/HELO after STARTTLS: the client must greet again (RFC 3207 4.2),
+        but the upstream, which never saw STARTTLS, has its greeting already
+        and may refuse a second one (OpenSMTPD: "503 5.5.1 Already
+        identified").  Answer from the upstream's own EHLO reply; its session
+        is outside any transaction, as the client's now is."""
+        if self._inflight:
+            return False
+        assert self._upstream_ehlo is not None
+        self._reidentify = False
+        if verb is Verb.EHLO:
+            data = self._learn_capabilities(self._upstream_ehlo)
+        else:
+            self._set_capabilities(ehlo.NO_EXTENSIONS)
+            first = self._upstream_ehlo[0]
+            data = b"250 " + first[4:].split(None, 1)[0] + b"\r\n"
+        self.state = transition(self.state, verb, 2)
+        self._recompute_possible()
+        self._events.append(LocalReply(verb, 250))
+        self._queue(_Slot(verb, verb, data))
+        return True
+
+    def _end_upstream_transaction(self) -> None:
+        """The client's transaction failed on a reply of ours (a BDAT refused
+        locally, RFC 3030 2): end the upstream's too, with an RSET whose reply
+        is consumed, so that both agree that no transaction is open."""
+        if not any(s.phase in RSET_ENDS for s in self._possible):
+            return
+        self._to_upstream += b"RSET\r\n"
+        self._inflight.append(_Slot(Verb.RSET, Verb.RSET, internal=True))
+        self._possible = advance(self._possible, Verb.RSET)
 
     def _new_transaction(self) -> None:
         """MAIL is going out: per-message state starts afresh."""
@@ -875,8 +925,10 @@ class Session:
         self._local(Verb.STARTTLS, R.STARTTLS_READY)
         # RFC 3207 4.2: forget what the client said before; a new EHLO is due.
         # The upstream's own session is untouched (it never sees STARTTLS).
+        self._reidentify = self._upstream_ehlo is not None
         self.state = transition(self.state, Verb.STARTTLS, 2)
         self._recompute_possible()
+        self._caps = self._caps._replace(offered=frozenset(), line_limits={})
         self._enhanced = False
         self._client_pipelining = False
         self._tls_pending = True
@@ -894,13 +946,18 @@ class Session:
                     return False
         return True
 
-    def _violation(self, verb: Verb, expected: str, local: bool = True) -> None:
+    def _violation(
+        self, verb: Verb, expected: str, local: bool = True, action: str = "reject"
+    ) -> None:
+        """Report ``verb`` out of sequence (one event, logged once) and, if
+        ``local``, answer it with 503."""
         # With replies in flight, report the phase the upstream will be in.
         if self.state in self._possible:
             phase = self.state.phase
         else:
             phase = min((s.phase for s in self._possible), key=lambda p: p.value)
-        self._events.append(Violation(verb, phase, expected))
+        self._events.append(Violation(verb, phase, expected, action))
+        self._policy(Defence.SEQUENCE, action, expected)
         self._violation_count += 1
         if len(self._violation_kinds) < 32:
             self._violation_kinds.add(f"{verb.value}@{phase.value}")
@@ -947,19 +1004,27 @@ class Session:
         size_ok = len(parts) in (2, 3) and parts[1].isdigit() and len(parts[1]) <= 12
         last = len(parts) == 3 and parts[2].upper() == b"LAST"
         if not size_ok or (len(parts) == 3 and not last):
-            # Without a size we cannot frame what follows: refuse and read on
-            # as commands, as Postfix does.
+            # The chunk's length is unknown, so nothing after this line can be
+            # framed (read as commands, chunk bytes would run as commands):
+            # 521 and hang up, as Postfix does.
             self._local(Verb.BDAT, R.BAD_BDAT)
+            self._end_after_replies(None, "policy")
             return True
-        if expected is None and not self.options.chunking:
-            expected = "BDAT not supported"
         size = int(parts[1])
+        if expected is None and not self._offered(Verb.BDAT):
+            # CHUNKING was not offered (the upstream lacks it, or it is
+            # switched off): never forward BDAT, whose chunk such an upstream
+            # would read as commands.  The chunk is framed all the same.
+            self._refuse_chunk(size, last)
+            self._local(Verb.BDAT, R.NOT_IMPLEMENTED)
+            return True
         if expected is not None and self.options.policy.sequence != "observe":
-            # The chunk still follows the command: read it and drop it.
-            self._bdat_remaining, self._bdat_forward = size, False
-            self._violation(Verb.BDAT, expected)
-            self._policy(Defence.SEQUENCE, self.options.policy.sequence, expected)
-            if self.options.policy.sequence == "disconnect":
+            action = self.options.policy.sequence
+            if self._inflight and not self._upstream_pipelining:
+                return False  # the RSET that may follow waits its turn
+            self._refuse_chunk(size, last)
+            self._violation(Verb.BDAT, expected, action=action)
+            if action == "disconnect":
                 self._end_after_replies(None)
             return True
         if self._inflight and not self._upstream_pipelining:
@@ -970,16 +1035,23 @@ class Session:
             self.abort("client_closed")
             return True
         if expected is not None:
-            self._violation(Verb.BDAT, expected, local=False)
-            self._policy(Defence.SEQUENCE, "observe", expected)
+            self._violation(Verb.BDAT, expected, local=False, action="observe")
         self._bdat_remaining, self._bdat_forward = size, True
         header = self._annotation()
         if header:
             # The header is part of the first chunk: announce its size too.
             line = b"BDAT %d" % (size + len(header)) + (b" LAST" if last else b"")
         self._forward(Verb.BDAT, Verb.BDAT_LAST if last else Verb.BDAT, line)
+        if last:
+            self._last_chunk = self._inflight[-1]
         self._to_upstream += header
         return True
+
+    def _refuse_chunk(self, size: int, last: bool) -> None:
+        """A BDAT answered locally: its chunk is read and dropped, and the
+        transaction fails (RFC 3030 2) on the upstream too."""
+        self._bdat_remaining, self._bdat_forward = size, False
+        self._end_upstream_transaction()
 
     def _annotation(self) -> bytes:
         """The header to prepend to this transaction's message, once (or b"")."""
@@ -1015,6 +1087,11 @@ class Session:
                 return
         del buf[:n]
         self._bdat_remaining -= n
+        if not self._bdat_remaining and self._last_chunk is not None:
+            # The message is complete: its size goes with the reply it awaits.
+            self._last_chunk.size = self._message_bytes
+            self._message_bytes = 0
+            self._last_chunk = None
 
     def _size_ok(self) -> bool:
         limit = self.options.policy.max_message_bytes
@@ -1080,6 +1157,10 @@ class Session:
         self._body_open = False
         self._events.append(_FORWARDED[Verb.DATA_END])
         slot = _Slot(Verb.DATA, Verb.DATA_END)
+        # The next MAIL may follow before the reply (RFC 2920 4): the size
+        # goes with the slot, not with the session.
+        slot.size = self._message_bytes
+        self._message_bytes = 0
         self._replies_queued += 1
         self._slots.append(slot)
         self._inflight.append(slot)

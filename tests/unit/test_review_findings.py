@@ -18,7 +18,7 @@ from smtpguard.protocol.session import Forwarded, MessageDone, PolicyAction, Vio
 
 EHLO_REPLY = (
     b"250-up.example\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n"
-    b"250-CHUNKING\r\n250 8BITMIME\r\n"
+    b"250-CHUNKING\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
 )
 
 

@@ -24,20 +24,21 @@ from smtpguard.protocol.rules import (
 
 # The oracle: one row per phase, one column per verb; "+" permitted, "." 503.
 # Written by hand from RFC 5321 4.1.4 / 3.1, RFC 3030, RFC 3207, RFC 4954,
+# RFC 1985 (ETRN: after EHLO, outside a transaction, as Postfix's smtpd),
 # independently of rules.py.  Flags (esmtp, authenticated) are set so that
 # only the phase decides here; the guards are tested below.
-_COLUMNS = "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY EXPN AUTH STARTTLS".split()
+_COLUMNS = "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY EXPN AUTH STARTTLS ETRN".split()
 _MATRIX = """
-greeting   .    .    .    .    .    .    .    .    .    .    .    .    .    .
-rejected   .    .    .    .    .    .    .    .    +    .    .    .    .    .
-connected  +    +    .    .    .    .    +    +    +    +    +    +    .    +
-ready      +    +    +    .    .    .    +    +    +    +    +    +    +    +
-mail       +    +    .    +    .    .    +    +    +    +    +    +    .    .
-rcpt       +    +    .    +    +    +    +    +    +    +    +    +    .    .
-data       .    .    .    .    .    .    .    .    .    .    .    .    .    .
-bdat       +    +    .    .    .    +    +    +    +    +    +    +    .    .
-auth       .    .    .    .    .    .    .    .    .    .    .    .    .    .
-closed     .    .    .    .    .    .    .    .    .    .    .    .    .    .
+greeting   .    .    .    .    .    .    .    .    .    .    .    .    .    .    .
+rejected   .    .    .    .    .    .    .    .    +    .    .    .    .    .    .
+connected  +    +    .    .    .    .    +    +    +    +    +    +    .    +    .
+ready      +    +    +    .    .    .    +    +    +    +    +    +    +    +    +
+mail       +    +    .    +    .    .    +    +    +    +    +    +    .    .    .
+rcpt       +    +    .    +    +    +    +    +    +    +    +    +    .    .    .
+data       .    .    .    .    .    .    .    .    .    .    .    .    .    .    .
+bdat       +    +    .    .    .    +    +    +    +    +    +    +    .    .    .
+auth       .    .    .    .    .    .    .    .    .    .    .    .    .    .    .
+closed     .    .    .    .    .    .    .    .    .    .    .    .    .    .    .
 """
 
 

@@ -10,7 +10,8 @@ from smtpguard.protocol.session import LocalReply, MessageDone, Violation
 
 EHLO_REPLY = (
     b"250-up.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n250-XCLIENT NAME ADDR\r\n250-CHUNKING\r\n250 8BITMIME\r\n"
+    b"250-ENHANCEDSTATUSCODES\r\n250-XCLIENT NAME ADDR\r\n250-CHUNKING\r\n250-AUTH PLAIN\r\n"
+    b"250 8BITMIME\r\n"
 )
 
 
