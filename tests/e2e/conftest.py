@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+from mtas import Exim, EximClient, OpenSMTPD
 from peers import Postfix, Prometheus
 
 E2E_DIR = Path(__file__).resolve().parent
+
+_Peer = TypeVar("_Peer", Exim, OpenSMTPD, EximClient)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -74,6 +78,47 @@ def prometheus_factory() -> Iterator[Callable[..., Prometheus]]:
         instance = Prometheus(targets, **kwargs)  # type: ignore[arg-type]
         started.append(instance)
         return instance.start()
+
+    yield start
+    for instance in reversed(started):
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def exim() -> Iterator[Exim]:
+    """A private Exim 4 that does not advertise PIPECONNECT, so it checks synchronization on
+    every command (see mtas.Exim); shared by the session: filter messages per test."""
+    with Exim() as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def exim_pipeconnect() -> Iterator[Exim]:
+    """A private Exim 4 advertising PIPECONNECT (Exim's default): no synchronization check
+    before the first DATA/BDAT."""
+    with Exim(pipeconnect=True) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def opensmtpd() -> Iterator[OpenSMTPD]:
+    """A private OpenSMTPD (no PIPELINING, no CHUNKING) shared by the session."""
+    with OpenSMTPD() as instance:
+        yield instance
+
+
+@pytest.fixture
+def mta_factory() -> Iterator[Callable[..., Any]]:
+    """Start extra Exim / OpenSMTPD servers or Exim clients, stopped at the end of the test:
+    ``mta_factory(Exim, pipeconnect=True)``, ``mta_factory(OpenSMTPD)``,
+    ``mta_factory(EximClient, (host, port), chunking=False)``."""
+    started: list[Exim | OpenSMTPD | EximClient] = []
+
+    def start(cls: type[_Peer], *args: Any, **kwargs: Any) -> _Peer:
+        instance = cls(*args, **kwargs)
+        started.append(instance)
+        instance.start()
+        return instance
 
     yield start
     for instance in reversed(started):
