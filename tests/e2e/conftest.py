@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from guard import Guard
 from mtas import Exim, EximClient, OpenSMTPD
 from peers import Postfix, Prometheus
 
@@ -119,6 +120,24 @@ def mta_factory() -> Iterator[Callable[..., Any]]:
         started.append(instance)
         instance.start()
         return instance
+
+    yield start
+    for instance in reversed(started):
+        instance.stop()
+
+
+@pytest.fixture
+def guard_factory() -> Iterator[Callable[..., Guard]]:
+    """Start smtpguard subprocesses, stopped at the end of the test:
+    ``guard_factory("127.0.0.1:PORT", policy={"sequence": "observe"})`` (see guard.Guard).
+
+    One Guard per test keeps its metrics and log to that test alone."""
+    started: list[Guard] = []
+
+    def start(upstream: str | None, **config: Any) -> Guard:
+        instance = Guard(upstream, **config)
+        started.append(instance)
+        return instance.start()
 
     yield start
     for instance in reversed(started):

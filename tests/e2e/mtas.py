@@ -49,12 +49,14 @@ from peers import (
     CapturedMessage,
     MissingProgramError,
     PeerError,
+    Postfix,
     _alive,
     _keep_dirs,
     _listening,
     _pids_matching,
     _tail,
     _wait,
+    find_program,
     free_port,
 )
 
@@ -1317,3 +1319,131 @@ def _strip_mda_headers(data: bytes) -> bytes:
     while data.startswith((b"Return-Path: ", b"Delivered-To: ")):
         data = data.split(b"\n", 1)[1] if b"\n" in data else b""
     return data
+
+
+# --------------------------------------------------------------------------- Postfix as a client
+
+_POSTFIX_SMTP_SERVICE = "smtp      unix  -       -       n       -       -       smtp\n"
+_POSTFIX_STATUS_RE = re.compile(
+    r"^.* postfix/smtp\[\d+\]: (?P<id>[0-9A-F]+): to=<(?P<rcpt>[^>]*)>, .*?"
+    r"\bstatus=(?P<status>\w+) (?P<detail>.*)$",
+    re.MULTILINE,
+)
+
+
+class PostfixClient(Postfix):
+    """Postfix as a sending MTA: a private instance whose ``relayhost`` is ``[host]:port``.
+
+    Messages submitted with :meth:`submit` (``sendmail -C``) go through pickup and qmgr to its
+    smtp(8) client, which pipelines MAIL/RCPT/DATA (it never sends BDAT).  The instance still
+    has an smtpd listener of its own (on a free port; nothing uses it).  Its log's
+    ``status=sent|deferred|bounced`` lines are read by :meth:`deliveries`.  ``extra_main_cf``
+    adds or overrides main.cf settings (``debug_peer_list = 127.0.0.1`` logs the dialog).
+
+    ``batch=True`` puts every submitted message on hold (a ``HOLD`` header check) until
+    :meth:`release` lets them all go at once, one connection at a time
+    (``smtp_destination_concurrency_limit = 1``) with the connection cached for reuse: one
+    SMTP session then carries several transactions, as a busy relay's does.
+    """
+
+    def __init__(
+        self,
+        relayhost: tuple[str, int],
+        *,
+        extra_main_cf: Mapping[str, str] | None = None,
+        myhostname: str = "pfclient.smtpguard.test",
+        batch: bool = False,
+    ) -> None:
+        host, port = relayhost
+        settings = {
+            "relayhost": f"[{host}]:{port}",
+            "default_transport": "smtp",
+            "relay_transport": "smtp",
+            "smtp_tls_security_level": "none",
+            "smtp_helo_name": myhostname,
+        }
+        if batch:
+            settings.update(
+                {
+                    "smtp_destination_concurrency_limit": "1",
+                    "initial_destination_concurrency": "1",
+                    "smtp_connection_cache_destinations": "$relayhost",
+                }
+            )
+        settings.update(extra_main_cf or {})
+        super().__init__(extra_main_cf=settings, myhostname=myhostname)
+        self.relayhost = relayhost
+        self.batch = batch
+
+    @property
+    def _hold_map(self) -> Path:
+        return self.config_dir / "hold_all"
+
+    def main_cf(self) -> dict[str, str]:
+        settings = super().main_cf()
+        if self.batch:
+            settings.setdefault("header_checks", f"regexp:{self._hold_map}")
+        return settings
+
+    def _write_config(self, nobody_uid: int, nobody_gid: int) -> None:
+        super()._write_config(nobody_uid, nobody_gid)
+        master = self.config_dir / "master.cf"
+        master.write_text(master.read_text() + _POSTFIX_SMTP_SERVICE)
+        self._hold_map.write_text("/^/ HOLD batched by the test\n")
+        past = time.time() - 60  # see Postfix._write_config
+        for path in (master, self._hold_map):
+            os.utime(path, (past, past))
+
+    def held(self) -> int:
+        """Messages in the hold queue."""
+        return sum(len(names) for _root, _dirs, names in os.walk(self.queue_dir / "hold"))
+
+    def release(self, expected: int, timeout: float = 10) -> None:
+        """Wait until ``expected`` messages are on hold, then release them all at once."""
+        _wait(lambda: self.held() >= expected, timeout, what=f"{expected} held messages")
+        result = self.postsuper("-H", "ALL")
+        if result.returncode != 0:
+            raise PeerError(f"postsuper -H ALL failed: {result.stderr}")
+        subprocess.run(
+            [find_program("postqueue"), "-c", str(self.config_dir), "-f"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+
+    def submit(self, sender: str, recipients: Iterable[str], data: bytes) -> None:
+        """Queue ``data`` (a whole message, LF or CRLF line ends) from ``sender``."""
+        result = subprocess.run(
+            [find_program("sendmail"), "-C", str(self.config_dir), "-f", sender, "--", *recipients],
+            input=data,
+            capture_output=True,
+            timeout=30,
+        )
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")
+            raise PeerError(f"sendmail exited with {result.returncode}: {stderr}")
+
+    def deliveries(self, since_offset: int = 0) -> dict[str, list[str]]:
+        """Recipient -> the smtp client's statuses for it (``sent``, ``deferred``, ``bounced``)
+        logged after ``since_offset``, oldest first."""
+        found: dict[str, list[str]] = {}
+        for match in _POSTFIX_STATUS_RE.finditer(self.log_since(since_offset)):
+            found.setdefault(match.group("rcpt"), []).append(match.group("status"))
+        return found
+
+    def wait_for_deliveries(
+        self, recipients: Iterable[str], since_offset: int = 0, timeout: float = 20
+    ) -> dict[str, list[str]]:
+        """:meth:`deliveries` once every one of ``recipients`` has a status logged."""
+        wanted = set(recipients)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.deliveries(since_offset)
+            if wanted <= found.keys():
+                return found
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"no delivery status for {sorted(wanted - found.keys())} within {timeout}s;"
+                    f" log:\n{_tail(self.log_since(since_offset))}"
+                )
+            time.sleep(0.05)

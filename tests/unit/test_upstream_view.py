@@ -9,8 +9,9 @@ from test_session import Peer
 
 from smtpguard.metrics import Metrics
 from smtpguard.protocol.policy import Policy
-from smtpguard.protocol.rules import Phase
-from smtpguard.protocol.session import MessageDone, Violation
+from smtpguard.protocol.rules import Phase, Verb
+from smtpguard.protocol.session import MessageDone, UpstreamReplied, Violation
+from smtpguard.summary import SessionSummary
 
 CHUNKING = (
     b"250-up.example\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n"
@@ -221,3 +222,11 @@ def test_bdat_last_is_counted_as_bdat() -> None:
     }
     assert "BDAT_LAST" not in samples
     assert samples["BDAT"] == 2  # "BDAT 2" and "BDAT 1 LAST"
+
+
+def test_the_summary_line_knows_every_verb() -> None:
+    # ETRN, new to the rules, crashed the summary at the end of the session.
+    summary = SessionSummary()
+    summary.observe([UpstreamReplied(verb, 250) for verb in Verb if verb is not Verb.GREETING])
+    fields = summary.fields()
+    assert fields["etrn"] == "1" and list(fields)[-3] == "quit"
