@@ -967,7 +967,11 @@ class Proxy:
             metrics.session_closed(reason)
             await _close_stream(client)
             if log.isEnabledFor(logging.INFO):
-                self._log_summary(conn, conn_id, peer, reason, opened)
+                try:
+                    self._log_summary(conn, conn_id, peer, reason, opened)
+                except Exception:
+                    # A handler's own failure must never end the server.
+                    log.exception("internal error", extra=fields(conn=conn_id, client=peer))
 
     @staticmethod
     def _log_summary(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
@@ -430,3 +432,22 @@ async def test_http_request_is_dropped_without_bothering_the_upstream() -> None:
         value(registry, "smtpguard_policy_actions_total", defence="non_smtp", action="disconnect")
         == 1
     )
+
+
+async def test_a_failing_summary_line_ends_only_its_own_session(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A verb missing from the summary's table (ETRN) raised as the session
+    # ended and the exception took the whole server down.
+    def broken(self: object) -> dict[str, object]:
+        raise TypeError("summary bug")
+
+    monkeypatch.setattr("smtpguard.summary.SessionSummary.fields", broken)
+    caplog.set_level(logging.INFO, logger="smtpguard")
+    async with trio.open_nursery() as nursery:
+        client, _, _ = await start(nursery)
+        await read_replies(client, 1)
+        await client.send_all(b"QUIT\r\n")
+        assert (await read_replies(client, 1))[0].startswith(b"221")
+        assert await read_to_eof(client) == b""
+    assert any(r.getMessage() == "internal error" for r in caplog.records)
