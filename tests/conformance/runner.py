@@ -15,6 +15,7 @@ transaction, its accepted recipients, and the messages whose end got a 2xx.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import ssl
@@ -126,10 +127,8 @@ class _Conn:
 
     def close(self) -> None:
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class _Player:

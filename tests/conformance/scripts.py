@@ -160,8 +160,7 @@ def generate(session: int, caps: Capabilities, seed: int) -> list[Step]:
         steps.append(("HELO", f"client{session}.test"))
     if rnd.random() < 0.12:
         steps += [("GROUP",), ("STARTTLS",)]
-    messages = 0
-    for _ in range(rnd.randint(1, 3)):
+    for messages in range(rnd.randint(1, 3)):
         if rnd.random() < 0.3:
             steps.append(_noise(rnd, caps, session, len(steps)))
         if rnd.random() < 0.3:
@@ -172,7 +171,6 @@ def generate(session: int, caps: Capabilities, seed: int) -> list[Step]:
             if rnd.random() < 0.08:
                 steps.append(_noise(rnd, caps, session, len(steps)))
         body = content(session, messages, rnd)
-        messages += 1
         end = rnd.random()
         if end < 0.1:
             steps.append(("RSET",))

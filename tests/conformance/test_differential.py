@@ -37,9 +37,8 @@ from peers import Postfix
 from peers_tls import make_certs
 from runner import Transcript, play
 from scripts import Capabilities, Step, generate
-from verdicts import Report, compare, delivered
-
 from support.strict_upstream import StrictUpstream
+from verdicts import Report, compare, delivered
 
 SESSIONS = int(os.environ.get("SMTPGUARD_CONFORMANCE_SESSIONS", "120"))
 SEED = int(os.environ.get("SMTPGUARD_CONFORMANCE_SEED", "3207"))
@@ -102,19 +101,35 @@ def _mta_upstream(name: str, instance: Exim | OpenSMTPD) -> Upstream:
         trace_start, log_start = divmod(start, 1 << 40)
         found = []
         for session in instance.sessions(trace_start):
-            for reply in session.replies:
+            command = ""
+            for direction, text in session.lines:
+                if direction == "<":
+                    command = text
+                    continue
                 # OpenSMTPD refuses a second HELO/EHLO, which RFC 5321 4.1.4
                 # permits: that is its own answer, the same directly.
-                if "Already identified" in reply:
+                # It also refuses RSET before HELO/EHLO, which RFC 5321 4.1.4 says
+                # servers SHOULD process normally: smtpguard relays it, and the
+                # client gets the same 503 it would get directly.
+                if "Already identified" in text or command.upper() == "RSET":
                     continue
-                if reply.startswith("503") or "Pipelining not supported" in reply:
-                    found.append(f"{session.client}: {reply}")
+                if text.startswith("503") or "Pipelining not supported" in text:
+                    found.append(f"{session.client}: {command!r} -> {text}")
         for line in instance.log_since(log_start).splitlines():
-            if "synchronization error" in line or "SMTP protocol error" in line:
+            # Exim's sequence errors; its syntax errors ("MAIL must have an
+            # address operand") are the syntax guard's (issue 14).
+            if "synchronization error" in line or (
+                "SMTP protocol error" in line and _EXIM_SEQUENCE.search(line)
+            ):
                 found.append(line)
         return found
 
     return Upstream(name, instance.address, messages, lambda: _combined_offset(instance), leaks)
+
+
+_EXIM_SEQUENCE = re.compile(
+    r"not yet given|already given|must precede|HELO or EHLO|too many|not allowed"
+)
 
 
 def _combined_offset(instance: Exim | OpenSMTPD) -> int:
