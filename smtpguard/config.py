@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from . import tlsctx
 from .protocol import SessionOptions
 from .protocol.policy import ALLOWED, Policy
 
@@ -65,8 +66,11 @@ class TLSSettings:
     key: pathlib.Path
     #: "TLSv1.2" or "TLSv1.3".
     min_version: str = "TLSv1.2"
-    #: OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
+    #: OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults);
+    #: None: Mozilla's intermediate profile.
     ciphers: str | None = None
+    #: Key-exchange groups, in order of preference (OpenSSL names).
+    groups: tuple[str, ...] = tlsctx.DEFAULT_GROUPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,9 @@ class Config:
     upstream_tls_ca_file: str | None = None
     #: Name to verify the upstream's certificate against (default: its host).
     upstream_tls_server_name: str | None = None
+    #: TLS 1.2 ciphers and groups towards the upstream (None: intermediate).
+    upstream_tls_ciphers: str | None = None
+    upstream_tls_groups: tuple[str, ...] = tlsctx.DEFAULT_GROUPS
     #: Worker processes sharing the listening sockets (1: no supervisor).  A
     #: config file without ``workers`` gets one per core (see :func:`cores`).
     workers: int = 1
@@ -310,7 +317,7 @@ def _upstreams(key: str, value: object) -> tuple[Address, ...]:
 
 
 def _tls(raw: Mapping[str, Any]) -> TLSSettings | None:
-    section = _section(raw, "tls", {"certificate", "key", "min_version", "ciphers"})
+    section = _section(raw, "tls", {"certificate", "key", "min_version", "ciphers", "groups"})
     if not section:
         return None
     paths = {}
@@ -325,27 +332,47 @@ def _tls(raw: Mapping[str, Any]) -> TLSSettings | None:
     min_version = section.get("min_version", "TLSv1.2")
     if min_version not in ("TLSv1.2", "TLSv1.3"):
         raise ConfigError("tls.min_version", f"must be TLSv1.2 or TLSv1.3, got {min_version!r}")
-    ciphers = section.get("ciphers")
-    if ciphers is not None and (not isinstance(ciphers, str) or not ciphers):
-        raise ConfigError("tls.ciphers", "must be an OpenSSL cipher string")
-    settings = TLSSettings(paths["certificate"], paths["key"], min_version, ciphers)
+    ciphers = _ciphers("tls.ciphers", section.get("ciphers"))
+    groups = _groups("tls.groups", section.get("groups"))
+    settings = TLSSettings(paths["certificate"], paths["key"], min_version, ciphers, groups)
     try:
         server_context(settings)
+    except tlsctx.TLSSetupError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise ConfigError("tls", f"cannot load certificate and key: {exc}") from None
     return settings
 
 
+def _ciphers(key: str, value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(key, "must be an OpenSSL cipher string")
+    return value
+
+
+def _groups(key: str, value: object) -> tuple[str, ...]:
+    """A list of group names, or one colon-separated string (OpenSSL's form)."""
+    if value is None:
+        return tlsctx.DEFAULT_GROUPS
+    items = value.split(":") if isinstance(value, str) else value
+    if (
+        not isinstance(items, list | tuple)
+        or not items
+        or not all(isinstance(g, str) and g.strip() for g in items)
+    ):
+        raise ConfigError(key, "must be a list of group names, e.g. [X25519, P-256, P-384]")
+    return tuple(g.strip() for g in items)
+
+
 def server_context(settings: TLSSettings) -> ssl.SSLContext:
-    """The server-side context for client TLS: TLS 1.2+ unless configured higher."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = (
-        ssl.TLSVersion.TLSv1_3 if settings.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    """The server-side context for client TLS (see :mod:`.tlsctx`)."""
+    return tlsctx.server_context(
+        str(settings.certificate),
+        str(settings.key),
+        min_version=settings.min_version,
+        ciphers=settings.ciphers,
+        groups=settings.groups,
     )
-    if settings.ciphers:
-        ctx.set_ciphers(settings.ciphers)
-    ctx.load_cert_chain(str(settings.certificate), str(settings.key))
-    return ctx
 
 
 def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, float]:
@@ -423,7 +450,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     up_raw = raw.get("upstream")
     upstreams = _upstreams("upstream", up_raw) if up_raw is not None else ()
     upstream = upstreams[0] if upstreams else None
-    up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name"})
+    up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name", "ciphers", "groups"})
     up_tls_mode = up_tls.get("mode", "none")
     if up_tls_mode not in ("none", "opportunistic", "required"):
         raise ConfigError(
@@ -437,6 +464,12 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     server_name = up_tls.get("server_name")
     if server_name is not None and not isinstance(server_name, str):
         raise ConfigError("upstream_tls.server_name", "must be a host name")
+    up_ciphers = _ciphers("upstream_tls.ciphers", up_tls.get("ciphers"))
+    up_groups = _groups("upstream_tls.groups", up_tls.get("groups"))
+    try:
+        tlsctx.client_context(verify=False, ciphers=up_ciphers, groups=up_groups)
+    except tlsctx.TLSSetupError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
     selection = raw.get("upstream_selection", "ordered")
     if selection not in ("ordered", "round_robin"):
         raise ConfigError(
@@ -563,6 +596,8 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         workers=_workers(raw.get("workers", "auto")),
         upstream_tls_ca_file=ca_file,
         upstream_tls_server_name=server_name,
+        upstream_tls_ciphers=up_ciphers,
+        upstream_tls_groups=up_groups,
         upstream_selection=selection,
         sink_directory=(base / sink_dir).resolve(),
         metrics_listen=metrics_listen,

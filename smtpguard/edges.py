@@ -6,7 +6,9 @@ the core asks for it); the SMTP rules stay in :mod:`smtpguard.protocol`.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -20,6 +22,7 @@ from .protocol.proxyproto import (
     build_xclient,
     parse_proxy_header,
 )
+from .tlsctx import DEFAULT_GROUPS, client_context
 
 MAX_PREAMBLE_BYTES = 4096
 
@@ -73,13 +76,76 @@ async def read_proxy_header(stream: trio.abc.Stream) -> tuple[ProxyInfo, bytes]:
         buf += chunk
 
 
+#: Why a TLS handshake with a client failed: the closed label set of
+#: ``smtpguard_tls_handshake_failures_total``.
+HANDSHAKE_FAILURES = ("protocol_version", "no_shared_cipher", "client_closed", "timeout", "other")
+_PROTOCOL_VERSION = (
+    "UNSUPPORTED_PROTOCOL",
+    "WRONG_VERSION_NUMBER",
+    "TLSV1_ALERT_PROTOCOL_VERSION",
+    "VERSION_TOO_LOW",
+)
+_NO_SHARED = ("NO_SHARED_CIPHER", "NO_SHARED_GROUP", "NO_SUITABLE_KEY_SHARE")
+
+
+class HandshakeFailed(Exception):
+    """The TLS handshake with a client failed; ``reason`` is one of
+    :data:`HANDSHAKE_FAILURES`, ``detail`` OpenSSL's words (for the log)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def handshake_failure(exc: BaseException) -> HandshakeFailed:
+    """Name the reason of a failed handshake (``trio.TooSlowError``: a timeout)."""
+    if isinstance(exc, HandshakeFailed):
+        return exc
+    if isinstance(exc, trio.TooSlowError):
+        return HandshakeFailed("timeout", "no handshake in time")
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if isinstance(cause, ssl.SSLEOFError) or not isinstance(cause, ssl.SSLError):
+        return HandshakeFailed("client_closed", type(cause).__name__)
+    reason = cause.reason or ""
+    if reason in _PROTOCOL_VERSION:
+        return HandshakeFailed("protocol_version", reason)
+    if reason in _NO_SHARED:
+        return HandshakeFailed("no_shared_cipher", reason)
+    if reason == "UNEXPECTED_EOF_WHILE_READING":
+        return HandshakeFailed("client_closed", reason)
+    return HandshakeFailed("other", reason or str(cause)[:80])
+
+
 async def start_server_tls(
     stream: trio.abc.Stream, context: ssl.SSLContext
 ) -> trio.SSLStream[trio.abc.Stream]:
-    """TLS towards a client (implicit TLS or after STARTTLS); the caller bounds the time."""
+    """TLS towards a client (implicit TLS or after STARTTLS); the caller bounds the time.
+
+    A handshake OpenSSL refuses (an old protocol, no shared suite) ends with
+    the alert it wrote (RFC 8446 6, RFC 5246 7.2), as ``openssl s_server``
+    and Postfix send: trio's SSLStream drops it when the handshake fails, so
+    it is sent here.  Raises :class:`HandshakeFailed`.
+    """
     tls = trio.SSLStream(stream, context, server_side=True)
-    await tls.do_handshake()
+    try:
+        await tls.do_handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        failure = handshake_failure(exc)
+        if failure.reason in ("protocol_version", "no_shared_cipher", "other"):
+            await _send_alert(tls, stream)
+        raise failure from exc
     return tls
+
+
+async def _send_alert(tls: trio.SSLStream[trio.abc.Stream], transport: trio.abc.Stream) -> None:
+    # The alert is in the stream's outgoing memory BIO (trio keeps no public
+    # way to it).  If trio changes, this sends nothing: a bare close, as before.
+    outgoing = getattr(tls, "_outgoing", None)
+    pending = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    if pending:
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, OSError):
+            await transport.send_all(pending)
 
 
 def tls_summary(stream: trio.abc.Stream) -> dict[str, str]:
@@ -185,15 +251,17 @@ async def upstream_starttls(
     return tls, greeting, UpstreamTLS("established", injected, str(tls.version()))
 
 
-def upstream_context(mode: str, ca_file: str | None) -> ssl.SSLContext:
+def upstream_context(
+    mode: str,
+    ca_file: str | None,
+    ciphers: str | None = None,
+    groups: Sequence[str] = DEFAULT_GROUPS,
+) -> ssl.SSLContext:
     """Client context towards the upstream: verified when required, not otherwise
     (opportunistic TLS beats plaintext even with a self-signed certificate)."""
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if mode != "required":
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return client_context(
+        verify=mode == "required", ca_file=ca_file, ciphers=ciphers, groups=groups
+    )
 
 
 async def _one_reply_and_rest(stream: trio.abc.Stream, parser: ReplyParser) -> tuple[bytes, bool]:

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from . import __version__
+from .edges import HANDSHAKE_FAILURES
 from .protocol.policy import ALLOWED, Defence
 from .protocol.rules import CLIENT_VERBS, Phase, Verb
 from .protocol.session import (
@@ -186,6 +187,15 @@ class Metrics:
         )
         for protocol in ("TLSv1.2", "TLSv1.3"):
             self.tls_sessions.labels(protocol)
+        self.tls_handshake_failures = Counter(
+            "smtpguard_tls_handshake_failures",
+            "TLS handshakes with clients that failed, by listener kind and reason",
+            ["listener", "reason"],
+            registry=r,
+        )
+        for listener in ("starttls", "implicit"):
+            for reason in HANDSHAKE_FAILURES:
+                self.tls_handshake_failures.labels(listener, reason)
         self.upstream_tls = Counter(
             "smtpguard_upstream_tls",
             "STARTTLS from smtpguard to the upstream, by result",
@@ -262,6 +272,10 @@ class Metrics:
 
     def tls_session(self, protocol: str) -> None:
         self.tls_sessions.labels(protocol).inc()
+
+    def tls_handshake_failed(self, listener: str, reason: str) -> None:
+        """``listener``: "starttls" or "implicit"; ``reason``: see HANDSHAKE_FAILURES."""
+        self.tls_handshake_failures.labels(listener, reason).inc()
 
     def session_opened(self) -> None:
         self.sessions_opened.inc()

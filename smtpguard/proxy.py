@@ -25,7 +25,9 @@ import trio
 
 from .config import Address, Config, Listener, Timeouts, listener_specs, server_context
 from .edges import (
+    HandshakeFailed,
     PrefixedStream,
+    handshake_failure,
     read_proxy_header,
     send_identity,
     start_server_tls,
@@ -390,15 +392,30 @@ class Connection:
     async def _start_tls(self) -> None:
         """STARTTLS was answered with 220: wrap the client stream (RFC 3207)."""
         assert self.tls_context is not None
+        failure: HandshakeFailed | None = None
         with trio.move_on_after(self.timeouts.client_command_seconds) as scope:
             await _acquire(self._client_lock)
             try:
                 self.client = await start_server_tls(self.client, self.tls_context)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.session.abort("tls_failed")
+            except HandshakeFailed as exc:
+                failure = exc
             finally:
                 self._client_lock.release()
         if scope.cancelled_caught:
+            failure = handshake_failure(trio.TooSlowError())
+        if failure is not None:
+            # After "220 Ready to start TLS" only TLS may go on the wire: the
+            # session closes without a reply (the core writes none now).
+            self.metrics.tls_handshake_failed("starttls", failure.reason)
+            log.info(
+                "tls handshake failed",
+                extra=fields(
+                    conn=self.conn_id,
+                    client=self.peer,
+                    reason=failure.reason,
+                    detail=failure.detail,
+                ),
+            )
             self.session.abort("tls_failed")
         if not self.session.closed:
             self.session.tls_started()
@@ -633,12 +650,24 @@ class Connection:
 
 async def _close_stream(stream: trio.abc.Stream) -> None:
     """``trio.aclose_forcefully``; a plain socket is closed at once (no cancel
-    scope, no checkpoint: a connection's last steps, run for every one)."""
+    scope, no checkpoint: a connection's last steps, run for every one).
+
+    A TLS stream first gets a ``close_notify`` (RFC 8446 6.1), as Postfix
+    sends after its 221: without it clients log a truncation, and a TLS 1.2
+    session cannot be resumed.  Its own reply is not awaited."""
     if type(stream) is trio.SocketStream:
         stream.socket.close()
         return
     with trio.CancelScope(shield=True):
+        if isinstance(stream, trio.SSLStream):
+            with trio.move_on_after(_CLOSE_NOTIFY_SECONDS):
+                await stream.aclose()
+                return
         await trio.aclose_forcefully(stream)
+
+
+#: How long a TLS close may take to send its close_notify.
+_CLOSE_NOTIFY_SECONDS = 1.0
 
 
 async def _read_fd(fd: int, drained: bool) -> bytes:
@@ -762,7 +791,10 @@ class Proxy:
         self._connect = connect
         self._tls_context = server_context(config.tls) if config.tls else None
         self._upstream_tls_context = upstream_context(
-            config.upstream_tls, config.upstream_tls_ca_file
+            config.upstream_tls,
+            config.upstream_tls_ca_file,
+            config.upstream_tls_ciphers,
+            config.upstream_tls_groups,
         )
         self._connections: collections.Counter[str] = collections.Counter()
         self._active: set[Connection] = set()
@@ -779,7 +811,10 @@ class Proxy:
         self.config = config
         self._tls_context = server_context(config.tls) if config.tls else None
         self._upstream_tls_context = upstream_context(
-            config.upstream_tls, config.upstream_tls_ca_file
+            config.upstream_tls,
+            config.upstream_tls_ca_file,
+            config.upstream_tls_ciphers,
+            config.upstream_tls_groups,
         )
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
@@ -1136,7 +1171,24 @@ class Proxy:
                         raise ssl.SSLError("no TLS certificate configured")
                     client = await start_server_tls(client, self._tls_context)
                     self.metrics.tls_session(tls_summary(client).get("tls_protocol", "unknown"))
-        except (ProxyHeaderError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+        except (
+            ProxyHeaderError,
+            HandshakeFailed,
+            trio.TooSlowError,
+            trio.BrokenResourceError,
+            OSError,
+        ) as exc:
+            if spec.tls == "implicit" and not awaiting_header:
+                failure = handshake_failure(exc)
+                self.metrics.tls_handshake_failed("implicit", failure.reason)
+                log.info(
+                    "tls handshake failed",
+                    extra=fields(
+                        client=_show(client_addr), reason=failure.reason, detail=failure.detail
+                    ),
+                )
+                await trio.aclose_forcefully(client)
+                return
             if awaiting_header and not isinstance(exc, ProxyHeaderError):
                 # No header in time (a plain client waiting for a greeting).
                 self.metrics.policy_actions.labels(Defence.PROXY_PROTOCOL.value, "reject").inc()

@@ -28,6 +28,7 @@ import tempfile
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
+from . import tlsctx
 from .config import Address, Config, listener_specs
 from .logs import fields
 
@@ -123,6 +124,9 @@ async def supervise(config: Config, argv: list[str]) -> None:
         "PROMETHEUS_MULTIPROC_DIR": folder,
         SUPERVISOR_ENV: str(os.getpid()),
         LISTEN_FDS_ENV: ",".join(str(fd) for fd in fds),
+        # One session-ticket key for every worker: a client resumes its TLS
+        # session whichever worker accepts its next connection.
+        tlsctx.TICKET_KEYS_ENV: tlsctx.ticket_keys().hex(),
     }
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     procs: dict[int, trio.Process] = {}

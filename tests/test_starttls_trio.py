@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-import trustme
 from prometheus_client import CollectorRegistry
+from support.tls import TLSFiles
 from test_proxy import FakeUpstream
 
 from smtpguard.config import load
@@ -51,28 +49,6 @@ class Replies:
 
     async def one(self) -> bytes:
         return (await self.read(1))[0]
-
-
-@dataclass
-class TLSFiles:
-    ca: trustme.CA
-    cert: Path
-    key: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context()
-        self.ca.configure_trust(context)
-        return context
-
-
-@pytest.fixture
-def tls_files(tmp_path: Path) -> TLSFiles:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "guard.test")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    return TLSFiles(ca, cert, key)
 
 
 @dataclass

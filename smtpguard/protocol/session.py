@@ -514,9 +514,12 @@ class Session:
         self._flush_replies()
         if self.in_transaction_content:
             self._events.append(MessageDone("aborted", self._message_bytes))
-        # 421s carry their enhanced code even before EHLO, as Postfix's do.
-        self._to_client += reply.render(True, hostname=self.options.hostname)
-        self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
+        if not self._tls_pending:
+            # 421s carry their enhanced code even before EHLO, as Postfix's do.
+            self._to_client += reply.render(True, hostname=self.options.hostname)
+            self._events.append(LocalReply(Verb.UNKNOWN, reply.code))
+        # else: after "220 Ready to start TLS" the client reads TLS records:
+        # a plaintext reply would be garbage to it; the session just closes.
         self._to_upstream.clear()
         self.close_reason = reason
 
@@ -542,7 +545,8 @@ class Session:
                 if self.in_transaction_content:
                     self._events.append(MessageDone("aborted", self._message_bytes))
                 self._to_upstream.clear()
-                self._to_client += reply.raw
+                if not self._tls_pending:  # no plaintext into a TLS handshake
+                    self._to_client += reply.raw
                 self.close_reason = "upstream_closed"
             else:
                 self._fail(R.UPSTREAM_LOST, "upstream_error")

@@ -141,3 +141,63 @@ def test_a_listener_may_have_its_own_upstreams() -> None:
         with pytest.raises(ConfigError) as err:
             load({"listen": [raw]})
         assert err.value.key == key
+
+
+@pytest.fixture
+def pem(tmp_path: pathlib.Path) -> dict[str, str]:
+    import trustme
+
+    leaf = trustme.CA().issue_cert("guard.test")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return {"certificate": str(cert), "key": str(key)}
+
+
+@pytest.mark.parametrize(
+    ("section", "extra", "key", "fragment"),
+    [
+        ("tls", {"groups": ["X25519", "X9999"]}, "tls.groups", "X9999"),
+        ("tls", {"groups": "P-256:nope"}, "tls.groups", "nope"),
+        ("tls", {"groups": []}, "tls.groups", "list of group names"),
+        ("tls", {"ciphers": "NOPE-CIPHER"}, "tls.ciphers", "NOPE-CIPHER"),
+        ("upstream_tls", {"groups": ["X9999"]}, "upstream_tls.groups", "X9999"),
+        ("upstream_tls", {"ciphers": "NOPE-CIPHER"}, "upstream_tls.ciphers", "NOPE-CIPHER"),
+    ],
+)
+def test_tls_groups_and_ciphers_are_checked_naming_the_key(
+    pem: dict[str, str], section: str, extra: dict[str, object], key: str, fragment: str
+) -> None:
+    raw: dict[str, object] = {"tls": pem}
+    raw[section] = {**(pem if section == "tls" else {"mode": "opportunistic"}), **extra}
+    with pytest.raises(ConfigError) as info:
+        load(raw)
+    assert info.value.key == key
+    assert fragment in info.value.problem
+
+
+def test_tls_defaults_are_mozilla_intermediate(pem: dict[str, str]) -> None:
+    from smtpguard.config import server_context
+
+    config = load({"tls": pem})
+    assert config.tls is not None and config.tls.groups == ("X25519", "P-256", "P-384")
+    names = {c["name"] for c in server_context(config.tls).get_ciphers()}
+    tls12 = {n for n in names if not n.startswith("TLS_")}
+    assert tls12 and all(n.startswith("ECDHE-") for n in tls12)
+    # AEAD only: no CBC suite (ECDHE-RSA-AES128-SHA256 and the like).
+    assert all("-GCM-" in n or "CHACHA20" in n for n in tls12), tls12
+
+
+def test_workers_share_one_ticket_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each context used to get OpenSSL's random ticket keys: a client resumed
+    # only when its next connection reached the same worker.
+    from smtpguard import tlsctx
+
+    shared = bytes(range(80))
+    monkeypatch.setattr(tlsctx, "_PROCESS_TICKET_KEYS", None)
+    monkeypatch.setenv(tlsctx.TICKET_KEYS_ENV, shared.hex())
+    assert tlsctx.ticket_keys() == shared
+    monkeypatch.setattr(tlsctx, "_PROCESS_TICKET_KEYS", None)
+    monkeypatch.delenv(tlsctx.TICKET_KEYS_ENV)
+    made = tlsctx.ticket_keys()
+    assert len(made) == 80 and made != shared and tlsctx.ticket_keys() == made
