@@ -13,7 +13,7 @@ Four invariants (see ``verdicts.py`` for the classes):
 - one view: what each upstream delivered is exactly what the client was told
   was accepted, under the sender the client saw accepted.
 
-``SMTPGUARD_CONFORMANCE_SESSIONS`` (default 120) sessions per upstream,
+``SMTPGUARD_CONFORMANCE_SESSIONS`` (default 200) sessions per upstream,
 seeded by ``SMTPGUARD_CONFORMANCE_SEED`` (default 3207); with
 ``SMTPGUARD_CONFORMANCE_REPORT=DIR`` each upstream's report is written there.
 """
@@ -40,7 +40,7 @@ from scripts import Capabilities, Step, generate
 from support.strict_upstream import StrictUpstream
 from verdicts import Report, compare, delivered
 
-SESSIONS = int(os.environ.get("SMTPGUARD_CONFORMANCE_SESSIONS", "120"))
+SESSIONS = int(os.environ.get("SMTPGUARD_CONFORMANCE_SESSIONS", "200"))
 SEED = int(os.environ.get("SMTPGUARD_CONFORMANCE_SEED", "3207"))
 PARALLEL = 8
 
