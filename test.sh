@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(postfix swaks prometheus haproxy netcat-openbsd sasl2-bin libsasl2-modules
-    libsasl2-modules-db libnet-ssleay-perl systemd podman runc debootstrap)
+    libsasl2-modules-db libnet-ssleay-perl systemd podman runc debootstrap openssl)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
