@@ -108,6 +108,17 @@ class Config:
     log_format: str = "logfmt"
     #: postscreen-style greet_wait: listen for early talkers before connecting upstream.
     greet_wait_seconds: float = 0.0
+    #: "on_command": smtpguard greets and connects the upstream at the client's
+    #: first command (postscreen); "on_accept": at once, relaying its greeting.
+    upstream_connect: str = "on_command"
+    #: The 220 text smtpguard greets with (on_command); None: the upstream's
+    #: own, as last seen (until then "<hostname> ESMTP").
+    banner: str | None = None
+    #: Sessions one upstream address may hold at once (0: no cap); split
+    #: evenly across workers.  Clients beyond it wait, FIFO, up to
+    #: ``upstream_queue_seconds``, then get 421 4.3.2.
+    upstream_max_sessions: int = 0
+    upstream_queue_seconds: float = 30.0
     max_connections: int = 10000
     max_connections_per_client: int = 50
     #: Connection limits only count (``policy.mode: observe``).
@@ -179,6 +190,9 @@ _TOP_KEYS = {
     "upstream_selection",
     "upstream_tls",
     "workers",
+    "upstream_connect",
+    "banner",
+    "upstream_limits",
 }
 
 
@@ -470,6 +484,21 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         tlsctx.client_context(verify=False, ciphers=up_ciphers, groups=up_groups)
     except tlsctx.TLSSetupError as exc:
         raise ConfigError(exc.key, exc.problem) from None
+    connect_mode = raw.get("upstream_connect", "on_command")
+    if connect_mode not in ("on_command", "on_accept"):
+        raise ConfigError(
+            "upstream_connect", f"must be 'on_command' or 'on_accept', got {connect_mode!r}"
+        )
+    banner = raw.get("banner")
+    if banner is not None and (
+        not isinstance(banner, str) or not banner.strip() or any(c in banner for c in "\r\n")
+    ):
+        raise ConfigError("banner", "must be one line of text (the 220 greeting's text)")
+    up_limits = _section(raw, "upstream_limits", {"max_sessions", "queue_seconds"})
+    max_sessions = int(
+        _number("upstream_limits.max_sessions", up_limits.get("max_sessions", 0), 0, True)
+    )
+    queue_seconds = _number("upstream_limits.queue_seconds", up_limits.get("queue_seconds", 30), 0)
     selection = raw.get("upstream_selection", "ordered")
     if selection not in ("ordered", "round_robin"):
         raise ConfigError(
@@ -606,6 +635,10 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         log_level=log_level,
         log_format=log_format,
         greet_wait_seconds=greet_wait,
+        upstream_connect=connect_mode,
+        banner=banner,
+        upstream_max_sessions=max_sessions,
+        upstream_queue_seconds=queue_seconds,
         max_connections=max_connections,
         max_connections_per_client=max_per_client,
         connections_observe=policy.observe_limits,

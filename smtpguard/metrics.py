@@ -61,6 +61,7 @@ CLOSE_REASONS = (
     "upstream_timeout",
     "upstream_error",
     "upstream_refused",
+    "upstream_busy",
     "shutdown",
     "policy",
     "tls_failed",
@@ -121,6 +122,36 @@ class Metrics:
         )
         self.sessions_closed = Counter(
             "smtpguard_sessions_closed", "Client sessions ended, by reason", ["reason"], registry=r
+        )
+        # Upstream admission (upstream_limits): slots per address, the line.
+        self.upstream_sessions_held = Gauge(
+            "smtpguard_upstream_sessions",
+            "Upstream sessions held now under upstream_limits.max_sessions",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_session_cap = Gauge(
+            "smtpguard_upstream_session_cap",
+            "Upstream sessions allowed per upstream address (the workers' shares summed)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_queue_depth = Gauge(
+            "smtpguard_upstream_queue_depth",
+            "Clients waiting in line for an upstream slot",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.upstream_queue_wait = Histogram(
+            "smtpguard_upstream_queue_wait_seconds",
+            "Time a client waited for an upstream slot",
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+        self.upstream_busy_refusals = Counter(
+            "smtpguard_upstream_busy",
+            "Clients refused 421 4.3.2 because no upstream slot came free in time",
+            registry=r,
         )
         self.forwarded = Counter(
             "smtpguard_commands_forwarded",
@@ -280,6 +311,21 @@ class Metrics:
     def session_opened(self) -> None:
         self.sessions_opened.inc()
         self.sessions_open.inc()
+
+    def upstream_cap(self, slots: int) -> None:
+        self.upstream_session_cap.set(slots)
+
+    def upstream_queue(self, delta: int) -> None:
+        self.upstream_queue_depth.inc(delta)
+
+    def upstream_waited(self, seconds: float) -> None:
+        self.upstream_queue_wait.observe(seconds)
+
+    def upstream_sessions(self, delta: int) -> None:
+        self.upstream_sessions_held.inc(delta)
+
+    def upstream_busy(self) -> None:
+        self.upstream_busy_refusals.inc()
 
     def session_closed(self, reason: str) -> None:
         self.sessions_open.dec()

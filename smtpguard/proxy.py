@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from .admission import Permit, UpstreamBusy, UpstreamLimiter
 from .config import Address, Config, Listener, Timeouts, listener_specs, server_context
 from .edges import (
     HandshakeFailed,
@@ -805,6 +806,56 @@ class Proxy:
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
         self._use_upstreams(config)
+        self._limiter = self._new_limiter(config)
+        #: The text of each upstream's last 2xx greeting (deferred connect).
+        self._banners: dict[Address, bytes] = {}
+
+    def _new_limiter(self, config: Config) -> UpstreamLimiter:
+        return UpstreamLimiter(
+            config.upstream_max_sessions,
+            config.workers,
+            config.upstream_queue_seconds,
+            self.metrics,
+        )
+
+    def _greeting(self, listener: Listener | None) -> bytes:
+        """smtpguard's own greeting (deferred connect): the configured banner,
+        or the upstream's own as last seen, or ``<hostname> ESMTP``."""
+        config = self.config
+        if config.banner is not None:
+            text = config.banner.encode("utf-8", "replace")
+        else:
+            first = self._upstreams_for(listener)[0]
+            text = self._banners.get(first) or f"{config.session.hostname} ESMTP".encode()
+        return b"220 " + text + b"\r\n"
+
+    async def _first_command(self, client: trio.abc.Stream, session: Session) -> bool:
+        """Deferred connect: greet, and read until the client's first command
+        needs the upstream (False: the session ended without one: QUIT, a
+        non-SMTP client, silence, a close)."""
+        session.greet()
+        with trio.move_on_after(self.config.timeouts.client_command_seconds) as scope:
+            try:
+                while True:
+                    data = session.take_client_bytes()
+                    if data:
+                        await client.send_all(data)
+                    if session.closed or session.wants_upstream:
+                        break
+                    chunk = await client.receive_some(READ_BYTES)
+                    if not chunk:
+                        session.abort("client_closed")
+                        break
+                    session.receive_client(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                session.abort("client_closed")
+        if scope.cancelled_caught:
+            session.client_timeout()
+        if session.closed:
+            await self._answer_and_close(client, session)
+            return False
+        self.metrics.observe(session.take_events())
+        return True
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
@@ -819,6 +870,7 @@ class Proxy:
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
         self._use_upstreams(config)
+        self._limiter = self._new_limiter(config)
 
     def _use_upstreams(self, config: Config) -> None:
         """The upstream lists of ``config``: the global one (or the fixed
@@ -841,15 +893,28 @@ class Proxy:
         own = listener.upstreams if listener is not None else ()
         return own or self._base_upstreams
 
-    async def _connect_upstream(self, listener: Listener | None) -> tuple[trio.abc.Stream, Address]:
-        """A connection to this listener's upstreams (or the global ones)."""
+    async def _connect_upstream(
+        self, listener: Listener | None
+    ) -> tuple[trio.abc.Stream, Address, Permit]:
+        """A connection to this listener's upstreams (or the global ones), and
+        its slot (upstream_limits).  Raises :class:`UpstreamBusy`."""
+        limiter = self._limiter
+        deadline = trio.current_time() + limiter.queue_seconds
         if self._connect is not None:  # tests: a stream from elsewhere
-            return await self._connect(), self.upstream
-        return await self._connect_tcp(self._upstreams_for(listener))
+            permit = await limiter.acquire(self.upstream, deadline)
+            try:
+                return await self._connect(), self.upstream, permit
+            except BaseException:
+                permit.release()
+                raise
+        return await self._connect_tcp(self._upstreams_for(listener), deadline)
 
-    async def _connect_tcp(self, upstreams: tuple[Address, ...]) -> tuple[trio.abc.Stream, Address]:
+    async def _connect_tcp(
+        self, upstreams: tuple[Address, ...], deadline: float
+    ) -> tuple[trio.abc.Stream, Address, Permit]:
         """Connect to the first upstream that answers (failover), in the
-        configured order or round robin; each failure is counted."""
+        configured order or round robin; each failure is counted.  Each
+        address's slot is taken first, waiting in line until ``deadline``."""
         start = 0
         if self.config.upstream_selection == "round_robin":
             turn = self._round_robin.get(upstreams, 0)
@@ -859,10 +924,12 @@ class Proxy:
         for k in range(len(upstreams)):
             address = upstreams[(start + k) % len(upstreams)]
             index = self._upstream_index.get(address, 0)
+            permit = await self._limiter.acquire(address, deadline)
             try:
                 with trio.fail_after(self.config.timeouts.connect_seconds):
                     stream = await _open_tcp(address)
             except (OSError, trio.TooSlowError) as exc:
+                permit.release()
                 self.metrics.upstream_up.labels(str(index)).set(0)
                 if k + 1 < len(upstreams):
                     self.metrics.connect_failed(_connect_failure_reason(exc))
@@ -873,7 +940,7 @@ class Proxy:
                 error = exc
                 continue
             self.metrics.upstream_up.labels(str(index)).set(1)
-            return stream, address
+            return stream, address, permit
         assert error is not None
         raise error
 
@@ -894,9 +961,16 @@ class Proxy:
         metrics.session_opened()
         config = self.config  # a reload mid-session must not mix two configs
         options = config.session
-        if implicit_tls:
-            options = dataclasses.replace(options, implicit_tls=True)
+        deferred = config.upstream_connect == "on_command"
+        if implicit_tls or deferred:
+            options = dataclasses.replace(
+                options,
+                implicit_tls=implicit_tls,
+                local_greeting=self._greeting(listener) if deferred else None,
+            )
         session = Session(options)
+        permit: Permit | None = None
+        up_address: Address | None = None
         tls_context = self._tls_context
         conn: Connection | None = None
         opened = trio.current_time()
@@ -907,8 +981,20 @@ class Proxy:
         try:
             if not await self._admit(client, session, client_host, conn_id, peer):
                 return
+            if deferred and not await self._first_command(client, session):
+                return
             try:
-                upstream, up_address = await self._connect_upstream(listener)
+                upstream, up_address, permit = await self._connect_upstream(listener)
+            except UpstreamBusy:
+                log.warning(
+                    "upstream busy",
+                    extra=fields(
+                        conn=conn_id, client=peer, queue_seconds=self._limiter.queue_seconds
+                    ),
+                )
+                session.upstream_busy()
+                await self._answer_and_close(client, session)
+                return
             except (OSError, trio.TooSlowError) as exc:
                 failure = _connect_failure_reason(exc)
                 metrics.connect_failed(failure)
@@ -994,6 +1080,10 @@ class Proxy:
         except Exception:
             log.exception("internal error", extra=fields(conn=conn_id, client=peer))
         finally:
+            if permit is not None:
+                permit.release()
+            if session.upstream_banner is not None and up_address is not None:
+                self._banners[up_address] = session.upstream_banner
             self._connections[client_host] -= 1
             if not self._connections[client_host]:
                 del self._connections[client_host]

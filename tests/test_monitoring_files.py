@@ -48,6 +48,8 @@ REQUIRED_PANELS = (
     "Build info",
     "Upstream health (failover)",
     "Worker restarts",
+    "TLS handshake failures by reason",
+    "Upstream saturation",
 )
 REQUIRED_ALERTS = {
     "SMTPGuardViolationSpike",
@@ -56,6 +58,7 @@ REQUIRED_ALERTS = {
     "SMTPGuardUpstreamLatencyP99High",
     "SMTPGuardUpstreamFailover",
     "SMTPGuardWorkerRestarts",
+    "SMTPGuardUpstreamSaturated",
 }
 #: Series that are not smtpguard's but that alert rules may read.
 PROMETHEUS_SERIES = {"up"}

@@ -127,7 +127,10 @@ class FakeUpstream:
 def make_proxy(
     registry: CollectorRegistry, connect: Callable[[], Awaitable[trio.abc.Stream]], **raw: object
 ) -> Proxy:
-    config = load({"upstream": "127.0.0.1:25", "hostname": "guard.test", **raw})
+    # The upstream's own greeting is relayed (these tests check it); deferred
+    # connect, the default, has tests of its own (test_deferred_connect.py).
+    base = {"upstream": "127.0.0.1:25", "hostname": "guard.test", "upstream_connect": "on_accept"}
+    config = load({**base, **raw})
     return Proxy(config, Metrics(registry), connect=connect)
 
 

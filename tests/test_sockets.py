@@ -104,6 +104,7 @@ async def _stream(upstream: SlowUpstream, body: bytes) -> None:
         up_port = up_listeners[0].socket.getsockname()[1]
         config = load(
             {
+                "upstream_connect": "on_accept",  # these tests read the upstream's greeting
                 "listen": "127.0.0.1:0",
                 "upstream": f"127.0.0.1:{up_port}",
                 "hostname": "guard.test",
@@ -173,6 +174,7 @@ async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
             ports = await serve_upstreams(nursery, alpha, beta)
             config = load(
                 {
+                    "upstream_connect": "on_accept",  # these tests read the upstream's greeting
                     "listen": [
                         "127.0.0.1:0",
                         {
@@ -221,6 +223,7 @@ async def test_a_backup_upstream_never_tried_has_no_health_series() -> None:
             ports = await serve_upstreams(nursery, primary, backup)
             config = load(
                 {
+                    "upstream_connect": "on_accept",  # these tests read the upstream's greeting
                     "listen": "127.0.0.1:0",
                     "upstream": [f"127.0.0.1:{port}" for port in ports],
                     "workers": 1,

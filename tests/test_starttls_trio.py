@@ -68,7 +68,8 @@ async def _harness(
     raw: dict[str, object], client_addr: tuple[str, int] | None = None
 ) -> AsyncIterator[Harness]:
     """smtpguard's ``handle`` on a memory stream with the config ``raw`` and a FakeUpstream."""
-    config = load({"upstream": "127.0.0.1:25", "hostname": "guard.test", **raw})
+    base = {"upstream": "127.0.0.1:25", "hostname": "guard.test", "upstream_connect": "on_accept"}
+    config = load({**base, **raw})
     registry = CollectorRegistry()
     client, proxy_side = trio.testing.memory_stream_pair()
     up_proxy_side, up_side = trio.testing.memory_stream_pair()

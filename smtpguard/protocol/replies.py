@@ -59,5 +59,9 @@ UPSTREAM_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: mail server timeout")
 CLIENT_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
 #: Too many commands queued ahead of their replies.
 TOO_MANY_PIPELINED = Reply(421, "4.7.0", "{hostname} Error: too many pipelined commands")
+#: QUIT answered by smtpguard (deferred connect: no upstream was needed).
+BYE = Reply(221, "2.0.0", "Bye")
+#: Every upstream session slot is taken and the wait for one ran out.
+UPSTREAM_BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
 #: The service is shutting down.
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, closing connection")

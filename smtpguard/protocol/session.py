@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from . import ehlo
+from . import ehlo, greeting
 from . import policy as P
 from . import replies as R
 from .body import BodyFilter
@@ -99,6 +99,10 @@ class SessionOptions:
     implicit_tls: bool = False
     #: Postfix's smtpd_tls_auth_only: no AUTH on a plaintext session.
     auth_require_tls: bool = True
+    #: Deferred upstream connect: smtpguard's own greeting (a whole reply,
+    #: ``220 ...\r\n``), sent by :meth:`Session.greet`; the upstream's is
+    #: then consumed.  None: the upstream's greeting is relayed.
+    local_greeting: bytes | None = None
 
 
 # Events for the metrics and logs layer.  Small tuples: they are made on
@@ -205,6 +209,7 @@ class Session:
         "_parser",
         "_possible",
         "_rcpts",
+        "_refusal",
         "_reidentify",
         "_replies_queued",
         "_size_reported",
@@ -216,6 +221,8 @@ class Session:
         "_to_upstream",
         "_unknown",
         "_upstream_ehlo",
+        "_greeted",
+        "upstream_banner",
         "_upstream_pipelining",
         "_upstream_replies",
         "_violation_count",
@@ -233,9 +240,17 @@ class Session:
         self._to_upstream = bytearray()
         self._events: list[Event] = []
         self._parser = ReplyParser()
-        greeting = _Slot(Verb.GREETING, Verb.GREETING)
-        self._slots: deque[_Slot] = deque([greeting])
-        self._inflight: deque[_Slot] = deque([greeting])
+        local = self.options.local_greeting is not None
+        first = _Slot(Verb.GREETING, Verb.GREETING, internal=local)
+        self._slots: deque[_Slot] = deque() if local else deque([first])
+        self._inflight: deque[_Slot] = deque([first])
+        #: smtpguard's own greeting is out (deferred connect).
+        self._greeted = False
+        #: The upstream's refusing greeting (554), for the client's first command.
+        self._refusal: bytes | None = None
+        #: The text of the upstream's 2xx greeting, once seen (deferred connect:
+        #: the I/O layer greets the next clients with it).
+        self.upstream_banner: bytes | None = None
         self._possible: frozenset[State] = frozenset()
         self._recompute_possible()
         self._held: tuple[Verb, bytes] | None = None
@@ -363,8 +378,15 @@ class Session:
         if self._tls_pending:
             self._injection("plaintext after STARTTLS, before the TLS handshake")
             return
-        if self.state.phase is Phase.GREETING and not self._early_talk():
-            return
+        if self.state.phase is Phase.GREETING:
+            if self._greeted:
+                # Deferred connect: the first command decides whether the
+                # upstream is needed at all.
+                self._client_buf += data
+                self._judge_first_line()
+                return
+            if not self._early_talk():
+                return
         if (
             self._slots
             and not (self._bdat_remaining or self._body_open)  # content, not commands
@@ -410,6 +432,53 @@ class Session:
         # answer what it sent, as Postfix does, then close.
         self._client_done = True
         self._maybe_finish()
+
+    # ------------------------------------------------- deferred connect
+
+    def greet(self) -> None:
+        """Deferred connect: send smtpguard's own greeting now (after any
+        greet_wait: bytes before it are early talk)."""
+        assert self.options.local_greeting is not None and not self._greeted
+        if self.closed:
+            return
+        self._greeted = True
+        self._events.append(LocalReply(Verb.GREETING, 220))
+        self._queue(_Slot(Verb.GREETING, Verb.GREETING, self.options.local_greeting))
+        self._judge_first_line()
+
+    @property
+    def wants_upstream(self) -> bool:
+        """Deferred connect: the client sent a command the upstream must answer."""
+        if self.closed or not self._greeted or self.state.phase is not Phase.GREETING:
+            return False
+        limit = max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
+        return greeting.judge(self._client_buf, limit) is greeting.FirstLine.COMMAND
+
+    def _judge_first_line(self) -> None:
+        """Non-SMTP clients and QUIT are settled before any upstream exists."""
+        limit = max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
+        first = greeting.judge(self._client_buf, limit)
+        if first is greeting.FirstLine.QUIT:
+            self._client_buf.clear()
+            self._local(Verb.QUIT, R.BYE)
+            self.close_reason = "quit"
+        elif first is greeting.FirstLine.TLS:
+            self._non_smtp("TLS handshake on a plaintext port")
+        elif first is greeting.FirstLine.HTTP:
+            self._non_smtp("HTTP request or header line as a command")
+
+    def _upstream_greeted(self, reply: UpstreamReply) -> None:
+        """The upstream's own greeting, after smtpguard's (deferred connect)."""
+        cls = reply.reply_class
+        if cls == 2:
+            self.upstream_banner = reply.lines[0][4:].rstrip(b"\r\n")
+        elif reply.code == 421 or cls == 4:
+            self._to_client += reply.raw  # closing: say why, as the upstream would
+            self.close_reason = "upstream_closed"
+        else:
+            # 554 (RFC 5321 3.1): the client's first command gets the refusal;
+            # then only QUIT, as if it had seen the 554 itself.
+            self._refusal = reply.raw
 
     def _maybe_finish(self) -> None:
         if self._slots or self._held is not None or self.closed:
@@ -489,6 +558,10 @@ class Session:
         """Turn the client away before any upstream exists (limits): ``reply`` and close."""
         self._fail(reply, "policy")
 
+    def upstream_busy(self) -> None:
+        """No upstream slot came free in time (upstream_limits): 421 and close."""
+        self._fail(R.UPSTREAM_BUSY, "upstream_busy")
+
     def upstream_refused(self) -> None:
         """The upstream could not be reached: 421 and close."""
         self._fail(R.UPSTREAM_UNAVAILABLE, "upstream_refused")
@@ -563,7 +636,10 @@ class Session:
         self._upstream_replies += 1
         if slot.internal:
             self._recompute_possible()
-            if cls != 2:
+            if step is Verb.GREETING:
+                self._events.append(_replied(step, reply.code))
+                self._upstream_greeted(reply)
+            elif cls != 2:
                 # The upstream refused to end its transaction: it and the
                 # client no longer agree on the session, so it ends here.
                 self._fail(R.UPSTREAM_LOST, "upstream_error")
@@ -800,6 +876,12 @@ class Session:
 
     def _decide(self, verb: Verb, line: bytes) -> bool:
         """Answer, forward or reject ``line``; False means hold it for a reply."""
+        if self._refusal is not None and verb is not Verb.QUIT:
+            # The upstream refused the session (554): this first command hears it.
+            refusal, self._refusal = self._refusal, None
+            self._events.append(LocalReply(verb, int(refusal[:3])))
+            self._queue(_Slot(verb, verb, refusal))
+            return True
         if verb in LOCAL_ONLY:
             self._local(verb, R.UNKNOWN_COMMAND)
             return True

@@ -224,6 +224,7 @@ def test_same_sessions_directly_and_through_smtpguard(upstream: Upstream, certs:
     scripts = {n: generate(n, caps, SEED) for n in range(SESSIONS)}
     guard = Guard(
         f"{upstream.address[0]}:{upstream.address[1]}",
+        upstream_connect="on_command",  # the default: greet, connect at the first command
         tls={"certificate": str(certs.chain_pem), "key": str(certs.key_pem)},  # type: ignore[attr-defined]
     )
     with guard:

@@ -22,7 +22,8 @@ class Guard:
     def __init__(self, upstream: str | None, **extra: Any) -> None:
         """``extra``: config keys.  ``workers`` is 1 unless given (one process,
         as most tests assume: per-client limits, one log); ``workers=None``
-        leaves it out, so the default (one per core) applies."""
+        leaves it out, so the default (one per core) applies.
+        ``upstream_connect`` is ``on_accept`` unless given."""
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="smtpguard-e2e-"))
         self.port = free_port()
         self.metrics_port = free_port()
@@ -32,6 +33,10 @@ class Guard:
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "sink": {"directory": str(self.dir / "mail")},
             "workers": 1,
+            # The upstream's own greeting is relayed at once (most tests read
+            # it); deferred connect, the default, is tested on its own and by
+            # the conformance runs.
+            "upstream_connect": "on_accept",
             **extra,
         }
         if self.config["workers"] is None:

@@ -1,0 +1,80 @@
+"""Deferred upstream connect in the core: smtpguard greets, the first line
+decides whether an upstream is needed, and the upstream's own greeting is
+consumed (or, refusing, answers the client's first command)."""
+
+from __future__ import annotations
+
+from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.policy import Policy
+from smtpguard.protocol.rules import Phase
+
+BANNER = b"220 mx.example ESMTP Postfix\r\n"
+
+
+def deferred(**options: object) -> Session:
+    s = Session(SessionOptions(local_greeting=BANNER, **options))  # type: ignore[arg-type]
+    s.greet()
+    assert s.take_client_bytes() == BANNER
+    return s
+
+
+def test_the_first_command_asks_for_the_upstream_and_waits_for_it() -> None:
+    s = deferred()
+    s.receive_client(b"EH")
+    assert not s.wants_upstream  # an incomplete line spends no upstream slot
+    s.receive_client(b"LO client.test\r\nMAIL FROM:<a@b>\r\n")
+    assert s.wants_upstream
+    assert s.take_upstream_bytes() == b""  # nothing before the upstream greets
+    s.receive_upstream(b"220 mx.example ESMTP Postfix\r\n")
+    assert s.take_client_bytes() == b""  # its greeting is consumed: the client had ours
+    assert s.upstream_banner == b"mx.example ESMTP Postfix"
+    assert s.take_upstream_bytes() == b"EHLO client.test\r\n"
+    s.receive_upstream(b"250-mx.example\r\n250 PIPELINING\r\n")
+    assert s.take_upstream_bytes() == b"MAIL FROM:<a@b>\r\n"
+    assert s.take_client_bytes().startswith(b"250-mx.example\r\n")
+
+
+def test_quit_first_is_answered_without_an_upstream() -> None:
+    s = deferred()
+    s.receive_client(b"QUIT\r\n")
+    assert not s.wants_upstream
+    assert s.take_client_bytes() == b"221 Bye\r\n"
+    assert s.closed and s.close_reason == "quit"
+
+
+def test_non_smtp_clients_are_judged_before_any_upstream() -> None:
+    http = deferred()
+    http.receive_client(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert http.closed and not http.wants_upstream
+    assert http.take_client_bytes().startswith(b"521 5.7.0 ")
+    tls = deferred()
+    tls.receive_client(b"\x16\x03\x01\x00\xa5\x01\x00")
+    assert tls.closed and not tls.wants_upstream
+    assert tls.take_client_bytes() == b""  # a text reply means nothing to a TLS client
+
+
+def test_an_upstream_refusing_with_554_answers_the_first_command() -> None:
+    s = deferred()
+    s.receive_client(b"EHLO client.test\r\n")
+    s.receive_upstream(b"554 5.7.1 mx.example: no service for you\r\n")
+    assert s.take_upstream_bytes() == b""
+    assert s.take_client_bytes() == b"554 5.7.1 mx.example: no service for you\r\n"
+    assert s.state.phase is Phase.REJECTED
+    s.receive_client(b"MAIL FROM:<a@b>\r\nQUIT\r\n")
+    assert s.take_client_bytes().startswith(b"503 ")
+    assert s.take_upstream_bytes() == b"QUIT\r\n"
+
+
+def test_an_upstream_greeting_421_is_relayed_and_closes() -> None:
+    s = deferred()
+    s.receive_client(b"EHLO client.test\r\n")
+    s.receive_upstream(b"421 4.3.2 mx.example busy\r\n")
+    assert s.take_client_bytes() == b"421 4.3.2 mx.example busy\r\n"
+    assert s.closed and s.take_upstream_bytes() == b""
+
+
+def test_bytes_before_our_greeting_are_early_talk() -> None:
+    s = Session(SessionOptions(local_greeting=BANNER, policy=Policy(early_talk="disconnect")))
+    s.receive_client(b"EHLO early\r\n")  # greet_wait: not greeted yet
+    assert s.closed
+    assert s.take_client_bytes().startswith(b"521 ")
