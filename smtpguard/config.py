@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from . import tlsctx
+from .clientrates import RateSettings
 from .protocol import SessionOptions
 from .protocol.policy import ALLOWED, Policy
 
@@ -119,6 +120,8 @@ class Config:
     #: ``upstream_queue_seconds``, then get 421 4.3.2.
     upstream_max_sessions: int = 0
     upstream_queue_seconds: float = 30.0
+    #: Per-client connection rate and penalty box (see clientrates.py).
+    rates: RateSettings = field(default_factory=RateSettings)
     max_connections: int = 10000
     max_connections_per_client: int = 50
     #: Connection limits only count (``policy.mode: observe``).
@@ -193,6 +196,8 @@ _TOP_KEYS = {
     "upstream_connect",
     "banner",
     "upstream_limits",
+    "rates",
+    "penalty_box",
 }
 
 
@@ -378,6 +383,34 @@ def _groups(key: str, value: object) -> tuple[str, ...]:
     return tuple(g.strip() for g in items)
 
 
+def _rates(raw: Mapping[str, Any]) -> RateSettings:
+    rates = _section(raw, "rates", {"connections_per_minute", "ipv4_prefix", "ipv6_prefix"})
+    box = _section(raw, "penalty_box", {"violations", "window_seconds", "seconds", "reply"})
+
+    def whole(key: str, value: object, low: int, high: int | None = None) -> int:
+        number = int(_number(key, value, low, True))
+        if high is not None and number > high:
+            raise ConfigError(key, f"must be at most {high}, got {number}")
+        return number
+
+    reply = box.get("reply", 421)
+    if reply not in (421, 554):
+        raise ConfigError("penalty_box.reply", f"must be 421 or 554, got {reply!r}")
+    return RateSettings(
+        connections_per_minute=whole(
+            "rates.connections_per_minute", rates.get("connections_per_minute", 0), 0
+        ),
+        ipv4_prefix=whole("rates.ipv4_prefix", rates.get("ipv4_prefix", 32), 0, 32),
+        ipv6_prefix=whole("rates.ipv6_prefix", rates.get("ipv6_prefix", 128), 0, 128),
+        penalty_violations=whole("penalty_box.violations", box.get("violations", 0), 0),
+        penalty_window_seconds=_number(
+            "penalty_box.window_seconds", box.get("window_seconds", 60), 0.001
+        ),
+        penalty_seconds=_number("penalty_box.seconds", box.get("seconds", 600), 0),
+        penalty_reply=reply,
+    )
+
+
 def server_context(settings: TLSSettings) -> ssl.SSLContext:
     """The server-side context for client TLS (see :mod:`.tlsctx`)."""
     return tlsctx.server_context(
@@ -499,6 +532,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         _number("upstream_limits.max_sessions", up_limits.get("max_sessions", 0), 0, True)
     )
     queue_seconds = _number("upstream_limits.queue_seconds", up_limits.get("queue_seconds", 30), 0)
+    rates = _rates(raw)
     selection = raw.get("upstream_selection", "ordered")
     if selection not in ("ordered", "round_robin"):
         raise ConfigError(
@@ -638,6 +672,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         upstream_connect=connect_mode,
         banner=banner,
         upstream_max_sessions=max_sessions,
+        rates=rates,
         upstream_queue_seconds=queue_seconds,
         max_connections=max_connections,
         max_connections_per_client=max_per_client,

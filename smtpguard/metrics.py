@@ -148,6 +148,21 @@ class Metrics:
             buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.rate_refusals = Counter(
+            "smtpguard_connection_rate_refusals",
+            "Connections refused 421 for going over rates.connections_per_minute",
+            registry=r,
+        )
+        self.penalty_entries = Counter(
+            "smtpguard_penalty_box_entries",
+            "Clients put in the penalty box (penalty_box.violations reached)",
+            registry=r,
+        )
+        self.penalty_refusals = Counter(
+            "smtpguard_penalty_box_refusals",
+            "Connections refused at connect because the client is in the penalty box",
+            registry=r,
+        )
         self.upstream_busy_refusals = Counter(
             "smtpguard_upstream_busy",
             "Clients refused 421 4.3.2 because no upstream slot came free in time",

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import trio
 
 from .admission import Permit, UpstreamBusy, UpstreamLimiter
+from .clientrates import ClientRates, client_key
 from .config import Address, Config, Listener, Timeouts, listener_specs, server_context
 from .edges import (
     HandshakeFailed,
@@ -39,8 +40,15 @@ from .edges import (
 from .logs import fields
 from .metrics import Metrics
 from .protocol.framing import UpstreamProtocolError
-from .protocol.policy import TOO_MANY_CONNECTIONS, Defence
+from .protocol.policy import (
+    CONNECTION_RATE,
+    PENALTY_DENIED,
+    PENALTY_TRY_LATER,
+    TOO_MANY_CONNECTIONS,
+    Defence,
+)
 from .protocol.proxyproto import ProxyHeaderError
+from .protocol.replies import Reply
 from .protocol.rules import Verb
 from .protocol.session import (
     Event,
@@ -807,6 +815,8 @@ class Proxy:
         self._fixed_upstream = upstream is not config.upstream
         self._use_upstreams(config)
         self._limiter = self._new_limiter(config)
+        #: Per-client connection rates and the penalty box (kept across reloads).
+        self._rates = ClientRates(config.rates)
         #: The text of each upstream's last 2xx greeting (deferred connect).
         self._banners: dict[Address, bytes] = {}
 
@@ -871,6 +881,7 @@ class Proxy:
             self.upstream = config.upstream
         self._use_upstreams(config)
         self._limiter = self._new_limiter(config)
+        self._rates.settings = config.rates
 
     def _use_upstreams(self, config: Config) -> None:
         """The upstream lists of ``config``: the global one (or the fixed
@@ -1082,6 +1093,8 @@ class Proxy:
         finally:
             if permit is not None:
                 permit.release()
+            if session.violations:
+                self._count_violations(client_host, session, conn_id, peer)
             if session.upstream_banner is not None and up_address is not None:
                 self._banners[up_address] = session.upstream_banner
             self._connections[client_host] -= 1
@@ -1117,6 +1130,11 @@ class Proxy:
     ) -> bool:
         """Connection limits and greet_wait, before the upstream is bothered."""
         config = self.config
+        refusal = self._client_refusal(host, conn_id, peer)
+        if refusal is not None:
+            session.refuse(refusal)
+            await self._answer_and_close(client, session)
+            return False
         over = (
             self._total_connections > config.max_connections
             or self._connections[host] > config.max_connections_per_client
@@ -1149,6 +1167,36 @@ class Proxy:
                     await self._answer_and_close(client, session)
                     return False
         return True
+
+    def _client_refusal(self, host: str, conn_id: int, peer: str) -> Reply | None:
+        """The penalty box and the connection rate (see clientrates.py)."""
+        rates = self._rates
+        key = client_key(host, rates.settings)
+        now = trio.current_time()
+        if rates.penalized(key, now) is not None:
+            self.metrics.penalty_refusals.inc()  # logged once, when it went in
+            return PENALTY_DENIED if rates.settings.penalty_reply == 554 else PENALTY_TRY_LATER
+        if not rates.connect(key, now):
+            self.metrics.rate_refusals.inc()
+            log.warning(
+                "policy",
+                extra=fields(conn=conn_id, client=peer, defence="connection_rate", action="reject"),
+            )
+            return CONNECTION_RATE
+        return None
+
+    def _count_violations(self, host: str, session: Session, conn_id: int, peer: str) -> None:
+        """A session's violations, towards its client's penalty box."""
+        rates = self._rates
+        key = client_key(host, rates.settings)
+        if rates.violations(key, session.violations, trio.current_time()):
+            self.metrics.penalty_entries.inc()
+            log.warning(
+                "penalty box",
+                extra=fields(
+                    conn=conn_id, client=peer, key=key, seconds=rates.settings.penalty_seconds
+                ),
+            )
 
     async def _answer_and_close(self, client: trio.abc.Stream, session: Session) -> None:
         events = session.take_events()

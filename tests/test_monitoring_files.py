@@ -50,6 +50,7 @@ REQUIRED_PANELS = (
     "Worker restarts",
     "TLS handshake failures by reason",
     "Upstream saturation",
+    "Client rates and penalty box",
 )
 REQUIRED_ALERTS = {
     "SMTPGuardViolationSpike",

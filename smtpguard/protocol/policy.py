@@ -117,3 +117,12 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Error: too many connections")
+#: Over rates.connections_per_minute (Postfix's anvil says the same).
+CONNECTION_RATE = Reply(421, "4.7.0", "{hostname} Error: too many connections from you")
+#: In the penalty box (penalty_box.reply: 421 or 554).
+PENALTY_TRY_LATER = Reply(
+    421, "4.7.0", "{hostname} Error: too many protocol violations, try again later"
+)
+PENALTY_DENIED = Reply(
+    554, "5.7.1", "{hostname} Error: access denied: too many protocol violations"
+)

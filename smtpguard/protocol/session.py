@@ -365,6 +365,11 @@ class Session:
         return self._upstream_replies
 
     @property
+    def violations(self) -> int:
+        """Sequence violations so far (for the penalty box)."""
+        return self._violation_count
+
+    @property
     def commands_seen(self) -> int:
         """How many replies the client has been sent or is owed (a progress counter)."""
         return self._replies_queued

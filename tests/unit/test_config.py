@@ -68,6 +68,14 @@ def test_config_is_frozen() -> None:
         ({"lissten": "x"}, "lissten", "unknown key"),
         ({"hostname": "a b"}, "hostname", "without spaces"),
         ({"ehlo": {"discard_keywords": "SIZE"}}, "ehlo.discard_keywords", "list"),
+        ({"upstream_connect": "later"}, "upstream_connect", "on_command"),
+        ({"banner": "two\nlines"}, "banner", "one line"),
+        ({"upstream_limits": {"max_sessions": -1}}, "upstream_limits.max_sessions", "at least"),
+        ({"upstream_limits": {"queue": 1}}, "upstream_limits.queue", "unknown key"),
+        ({"rates": {"ipv4_prefix": 33}}, "rates.ipv4_prefix", "at most 32"),
+        ({"rates": {"connections_per_minute": 1.5}}, "rates.connections_per_minute", "whole"),
+        ({"penalty_box": {"reply": 550}}, "penalty_box.reply", "421 or 554"),
+        ({"penalty_box": {"violations": "many"}}, "penalty_box.violations", "number"),
     ],
 )
 def test_errors_name_the_key_and_the_problem(

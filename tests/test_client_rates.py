@@ -1,0 +1,79 @@
+"""The penalty box and the connection rate in the trio layer (memory streams):
+what a client is told at connect, and that the upstream is never bothered."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+from test_proxy import FakeUpstream, make_proxy, read_replies, read_to_eof, value
+
+
+async def _session(nursery: trio.Nursery, proxy: object, host: str) -> trio.abc.Stream:
+    client, proxy_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(proxy.handle, proxy_side, f"{host}:1234", host)  # type: ignore[attr-defined]
+    return client
+
+
+async def test_repeated_violations_put_a_client_in_the_penalty_box() -> None:
+    registry = CollectorRegistry()
+    connected: list[FakeUpstream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            mine, theirs = trio.testing.memory_stream_pair()
+            upstream = FakeUpstream(theirs)
+            connected.append(upstream)
+            nursery.start_soon(upstream.run)
+            return mine
+
+        proxy = make_proxy(
+            registry,
+            connect,
+            penalty_box={"violations": 3, "window_seconds": 60, "seconds": 600},
+            rates={"ipv4_prefix": 24},
+        )
+        bad = await _session(nursery, proxy, "192.0.2.7")
+        await read_replies(bad, 1)
+        await bad.send_all(b"EHLO bad\r\nRCPT TO:<a@b>\r\nDATA\r\nRCPT TO:<c@d>\r\nQUIT\r\n")
+        replies = await read_replies(bad, 5)
+        assert [r[:3] for r in replies] == [b"250", b"503", b"503", b"503", b"221"]
+        await read_to_eof(bad)
+        with trio.fail_after(5):
+            while not value(registry, "smtpguard_penalty_box_entries_total"):
+                await trio.sleep(0.01)
+        # The same /24, another address: refused at connect, no upstream.
+        upstreams = len(connected)
+        again = await _session(nursery, proxy, "192.0.2.99")
+        assert await read_to_eof(again) == (
+            b"421 4.7.0 guard.test Error: too many protocol violations, try again later\r\n"
+        )
+        assert len(connected) == upstreams
+        assert value(registry, "smtpguard_penalty_box_refusals_total") == 1
+        # Another network is served.
+        other = await _session(nursery, proxy, "198.51.100.1")
+        assert (await read_replies(other, 1))[0] == b"220 fake ESMTP\r\n"
+        await other.send_all(b"QUIT\r\n")
+        await read_to_eof(other)
+
+
+async def test_connection_rate_per_client() -> None:
+    registry = CollectorRegistry()
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            mine, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(FakeUpstream(theirs).run)
+            return mine
+
+        proxy = make_proxy(registry, connect, rates={"connections_per_minute": 2})
+        for _ in range(2):
+            client = await _session(nursery, proxy, "203.0.113.5")
+            assert (await read_replies(client, 1))[0] == b"220 fake ESMTP\r\n"
+            await client.send_all(b"QUIT\r\n")
+            await read_to_eof(client)
+        third = await _session(nursery, proxy, "203.0.113.5")
+        assert await read_to_eof(third) == (
+            b"421 4.7.0 guard.test Error: too many connections from you\r\n"
+        )
+        assert value(registry, "smtpguard_connection_rate_refusals_total") == 1
