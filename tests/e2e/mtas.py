@@ -41,12 +41,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peers import (
     CapturedMessage,
+    Captures,
     MissingProgramError,
     PeerError,
     Postfix,
@@ -297,7 +298,7 @@ def parse_smtpd_reports(text: str) -> list[Session]:
 # --------------------------------------------------------------------------- common base
 
 
-class _Instance:
+class _Instance(Captures):
     """What Exim and OpenSMTPD servers share: temp folder, process, logs, captures."""
 
     _prefix = "smtpguard-mta-"
@@ -542,32 +543,6 @@ class _Instance:
         if timeout is not None:
             self.wait_queue_empty(timeout)
         return self._captured()
-
-    def wait_for_messages(
-        self,
-        n: int,
-        timeout: float = 10,
-        where: Callable[[CapturedMessage], bool] | None = None,
-    ) -> list[CapturedMessage]:
-        """Wait until at least ``n`` captured messages (those passing ``where``) exist."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.messages() if where is None or where(m)]
-            if len(found) >= n:
-                return found
-            if time.monotonic() > deadline:
-                raise PeerError(
-                    f"{len(found)} of {n} messages captured by {self.name} within {timeout}s; "
-                    f"queue: {[p.name for p in self.queue_files()]}; log:\n"
-                    f"{_tail(self.log_text())}"
-                )
-            time.sleep(0.05)
-
-    def clear_messages(self) -> None:
-        """Delete everything captured so far."""
-        for path in self.captured_dir.iterdir():
-            path.unlink(missing_ok=True)
-        self._cache.clear()
 
 
 def _read_since(path: Path, offset: int) -> str:

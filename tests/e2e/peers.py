@@ -346,7 +346,52 @@ _QUEUE_LAYOUT = (
 _QUEUE_DIRS = ("maildrop", "incoming", "active", "deferred", "hold")
 
 
-class Postfix:
+class Captures:
+    """Waiting for and clearing what a capturing MTA delivered (Postfix here, Exim and
+    OpenSMTPD in mtas.py).  The class provides ``messages()``, ``queue_files()``,
+    ``log_text()``, ``captured_dir``, a ``_cache`` dict and a ``name``."""
+
+    name = "MTA"
+    captured_dir: Path
+    _cache: dict[str, CapturedMessage]
+
+    def messages(self, timeout: float | None = None) -> list[CapturedMessage]:
+        raise NotImplementedError
+
+    def queue_files(self) -> list[Path]:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        raise NotImplementedError
+
+    def wait_for_messages(
+        self,
+        n: int,
+        timeout: float = 10,
+        where: Callable[[CapturedMessage], bool] | None = None,
+    ) -> list[CapturedMessage]:
+        """Wait until at least ``n`` captured messages (those passing ``where``) exist."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [m for m in self.messages() if where is None or where(m)]
+            if len(found) >= n:
+                return found
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"{len(found)} of {n} messages captured by {self.name} within {timeout}s; "
+                    f"queue: {[p.name for p in self.queue_files()]}; log:\n"
+                    f"{_tail(self.log_text())}"
+                )
+            time.sleep(0.05)
+
+    def clear_messages(self) -> None:
+        """Delete everything captured so far."""
+        for path in self.captured_dir.iterdir():
+            path.unlink(missing_ok=True)
+        self._cache.clear()
+
+
+class Postfix(Captures):
     """A private Postfix on ``host:port`` in a temp folder, capturing everything it accepts.
 
     Relays for every domain from 127.0.0.0/8; each accepted message is delivered once (all
@@ -356,6 +401,8 @@ class Postfix:
     them (``normalize``), with no exclusions either way.  ``extra_main_cf`` overrides or adds
     main.cf settings, e.g. ``{"smtpd_discard_ehlo_keywords": "chunking"}``.
     """
+
+    name = "Postfix"
 
     def __init__(
         self,
@@ -643,32 +690,6 @@ class Postfix:
                 self._cache[name] = _read_captured(self.captured_dir / name)
             found.append(self._cache[name])
         return found
-
-    def wait_for_messages(
-        self,
-        n: int,
-        timeout: float = 10,
-        where: Callable[[CapturedMessage], bool] | None = None,
-    ) -> list[CapturedMessage]:
-        """Wait until at least ``n`` captured messages (those passing ``where``) exist."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [m for m in self.messages() if where is None or where(m)]
-            if len(found) >= n:
-                return found
-            if time.monotonic() > deadline:
-                raise PeerError(
-                    f"{len(found)} of {n} messages captured within {timeout}s; "
-                    f"queue: {[p.name for p in self.queue_files()]}; maillog:\n"
-                    f"{_tail(self.log_text())}"
-                )
-            time.sleep(0.05)
-
-    def clear_messages(self) -> None:
-        """Delete everything captured so far."""
-        for path in self.captured_dir.iterdir():
-            path.unlink(missing_ok=True)
-        self._cache.clear()
 
 
 def _read_captured(env_path: Path) -> CapturedMessage:
