@@ -839,23 +839,27 @@ class Proxy:
             text = self._banners.get(first) or f"{config.session.hostname} ESMTP".encode()
         return b"220 " + text + b"\r\n"
 
-    async def _first_command(self, client: trio.abc.Stream, session: Session) -> bool:
+    async def _first_command(self, client: trio.abc.Stream, session: Session) -> tuple[int, int]:
         """Deferred connect: greet, and read until the client's first command
-        needs the upstream (False: the session ended without one: QUIT, a
-        non-SMTP client, silence, a close)."""
+        needs the upstream (else the session is closed: QUIT, a non-SMTP
+        client, silence, a close).  Returns the bytes read from and written
+        to the client (for the session's summary line)."""
         session.greet()
+        read = written = 0
         with trio.move_on_after(self.config.timeouts.client_command_seconds) as scope:
             try:
                 while True:
                     data = session.take_client_bytes()
                     if data:
                         await client.send_all(data)
+                        written += len(data)
                     if session.closed or session.wants_upstream:
                         break
                     chunk = await client.receive_some(READ_BYTES)
                     if not chunk:
                         session.abort("client_closed")
                         break
+                    read += len(chunk)
                     session.receive_client(chunk)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 session.abort("client_closed")
@@ -863,9 +867,9 @@ class Proxy:
             session.client_timeout()
         if session.closed:
             await self._answer_and_close(client, session)
-            return False
-        self.metrics.observe(session.take_events())
-        return True
+        else:
+            self.metrics.observe(session.take_events())
+        return read, written
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
@@ -992,8 +996,11 @@ class Proxy:
         try:
             if not await self._admit(client, session, client_host, conn_id, peer):
                 return
-            if deferred and not await self._first_command(client, session):
-                return
+            early_bytes = (0, 0)  # (from, to) the client before the upstream existed
+            if deferred:
+                early_bytes = await self._first_command(client, session)
+                if session.closed:
+                    return
             try:
                 upstream, up_address, permit = await self._connect_upstream(listener)
             except UpstreamBusy:
@@ -1081,6 +1088,7 @@ class Proxy:
                 tls_context,
                 self._timer,
             )
+            conn.bytes_from_client, conn.bytes_to_client = early_bytes
             self._active.add(conn)
             try:
                 await conn.run()
