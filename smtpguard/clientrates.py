@@ -4,6 +4,10 @@ time (trio's clock in the proxy, plain numbers in the tests).
 
 - **Connection rate**: at most ``connections_per_minute`` new connections per
   client key in any 60-second window; beyond it, ``421 4.7.0``.
+- **Message and recipient rates**: at most ``messages_per_minute`` MAIL and
+  ``recipients_per_minute`` RCPT commands per client key in any 60 seconds;
+  beyond them ``450 4.7.1`` (Postfix's anvil: "too much mail", "too many
+  recipients"), asked by the session through :meth:`ClientRates.allow`.
 - **Penalty box**: a client key that commits ``violations`` violations within
   ``window_seconds`` is refused at connect for ``seconds`` (``421 4.7.0``, or
   ``554 5.7.1`` if configured), and that is logged once per period.
@@ -27,6 +31,8 @@ MAX_KEYS = 100_000
 @dataclass(frozen=True, slots=True)
 class RateSettings:
     connections_per_minute: int = 0  #: 0: no limit
+    messages_per_minute: int = 0  #: MAIL commands per client key; 0: no limit
+    recipients_per_minute: int = 0  #: RCPT commands per client key; 0: no limit
     penalty_violations: int = 0  #: 0: no penalty box
     penalty_window_seconds: float = 60.0
     penalty_seconds: float = 600.0
@@ -68,6 +74,8 @@ class ClientRates:
     def __init__(self, settings: RateSettings) -> None:
         self.settings = settings
         self._connections: dict[str, _Window] = {}
+        self._messages: dict[str, _Window] = {}
+        self._recipients: dict[str, _Window] = {}
         self._violations: dict[str, _Window] = {}
         #: key -> until when it is refused at connect
         self._boxed: dict[str, float] = {}
@@ -92,10 +100,19 @@ class ClientRates:
 
     def connect(self, key: str, now: float) -> bool:
         """A new connection from ``key``: False if over the connection rate."""
-        limit = self.settings.connections_per_minute
+        return self._take(self._connections, self.settings.connections_per_minute, key, now)
+
+    def allow(self, kind: str, key: str, now: float) -> bool:
+        """A MAIL (``kind`` "message") or RCPT ("recipient") from ``key``:
+        False if over its rate."""
+        if kind == "message":
+            return self._take(self._messages, self.settings.messages_per_minute, key, now)
+        return self._take(self._recipients, self.settings.recipients_per_minute, key, now)
+
+    def _take(self, table: dict[str, _Window], limit: int, key: str, now: float) -> bool:
         if not limit:
             return True
-        window = self._window(self._connections, key)
+        window = self._window(table, key)
         if window.count(now, 60.0) >= limit:
             return False
         window.times.append(now)

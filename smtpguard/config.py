@@ -384,7 +384,17 @@ def _groups(key: str, value: object) -> tuple[str, ...]:
 
 
 def _rates(raw: Mapping[str, Any]) -> RateSettings:
-    rates = _section(raw, "rates", {"connections_per_minute", "ipv4_prefix", "ipv6_prefix"})
+    rates = _section(
+        raw,
+        "rates",
+        {
+            "connections_per_minute",
+            "messages_per_minute",
+            "recipients_per_minute",
+            "ipv4_prefix",
+            "ipv6_prefix",
+        },
+    )
     box = _section(raw, "penalty_box", {"violations", "window_seconds", "seconds", "reply"})
 
     def whole(key: str, value: object, low: int, high: int | None = None) -> int:
@@ -399,6 +409,12 @@ def _rates(raw: Mapping[str, Any]) -> RateSettings:
     return RateSettings(
         connections_per_minute=whole(
             "rates.connections_per_minute", rates.get("connections_per_minute", 0), 0
+        ),
+        messages_per_minute=whole(
+            "rates.messages_per_minute", rates.get("messages_per_minute", 0), 0
+        ),
+        recipients_per_minute=whole(
+            "rates.recipients_per_minute", rates.get("recipients_per_minute", 0), 0
         ),
         ipv4_prefix=whole("rates.ipv4_prefix", rates.get("ipv4_prefix", 32), 0, 32),
         ipv6_prefix=whole("rates.ipv6_prefix", rates.get("ipv6_prefix", 128), 0, 128),

@@ -153,6 +153,14 @@ class Metrics:
             "Connections refused 421 for going over rates.connections_per_minute",
             registry=r,
         )
+        self.rate_refusals_commands = Counter(
+            "smtpguard_client_rate_refusals",
+            "MAIL and RCPT commands answered 450 4.7.1 for going over a per-client rate",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("message", "recipient"):
+            self.rate_refusals_commands.labels(kind)
         self.penalty_entries = Counter(
             "smtpguard_penalty_box_entries",
             "Clients put in the penalty box (penalty_box.violations reached)",

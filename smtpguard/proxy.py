@@ -977,11 +977,13 @@ class Proxy:
         config = self.config  # a reload mid-session must not mix two configs
         options = config.session
         deferred = config.upstream_connect == "on_command"
-        if implicit_tls or deferred:
+        rated = config.rates.messages_per_minute or config.rates.recipients_per_minute
+        if implicit_tls or deferred or rated:
             options = dataclasses.replace(
                 options,
                 implicit_tls=implicit_tls,
                 local_greeting=self._greeting(listener) if deferred else None,
+                admit=self._admitter(client_host) if rated else None,
             )
         session = Session(options)
         permit: Permit | None = None
@@ -1192,6 +1194,20 @@ class Proxy:
             )
             return CONNECTION_RATE
         return None
+
+    def _admitter(self, host: str) -> Callable[[str], bool]:
+        """The session's question "may this client send one more message
+        (recipient)?", answered from this process's per-client rates."""
+        rates = self._rates
+        key = client_key(host, rates.settings)
+
+        def admit(kind: str) -> bool:
+            if rates.allow(kind, key, trio.current_time()):
+                return True
+            self.metrics.rate_refusals_commands.labels(kind).inc()
+            return False
+
+        return admit
 
     def _count_violations(self, host: str, session: Session, conn_id: int, peer: str) -> None:
         """A session's violations, towards its client's penalty box."""

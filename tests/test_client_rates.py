@@ -77,3 +77,27 @@ async def test_connection_rate_per_client() -> None:
             b"421 4.7.0 guard.test Error: too many connections from you\r\n"
         )
         assert value(registry, "smtpguard_connection_rate_refusals_total") == 1
+
+
+async def test_message_rate_per_client_across_sessions() -> None:
+    registry = CollectorRegistry()
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            mine, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(FakeUpstream(theirs).run)
+            return mine
+
+        proxy = make_proxy(registry, connect, rates={"messages_per_minute": 1})
+        first = await _session(nursery, proxy, "203.0.113.9")
+        await read_replies(first, 1)
+        await first.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nRSET\r\nQUIT\r\n")
+        assert [r[:3] for r in await read_replies(first, 4)] == [b"250", b"250", b"250", b"221"]
+        second = await _session(nursery, proxy, "203.0.113.9")
+        await read_replies(second, 1)
+        await second.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
+        replies = await read_replies(second, 3)
+        assert replies[1] == b"450 4.7.1 Error: too much mail from you, try again later\r\n"
+        await read_to_eof(second)
+    kind = {"kind": "message"}
+    assert registry.get_sample_value("smtpguard_client_rate_refusals_total", kind) == 1

@@ -119,6 +119,9 @@ TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Error: too many connections")
 #: Over rates.connections_per_minute (Postfix's anvil says the same).
 CONNECTION_RATE = Reply(421, "4.7.0", "{hostname} Error: too many connections from you")
+#: Over rates.messages_per_minute / recipients_per_minute (Postfix's texts).
+TOO_MUCH_MAIL = Reply(450, "4.7.1", "Error: too much mail from you, try again later")
+RCPT_RATE = Reply(450, "4.7.1", "Error: too many recipients from you, try again later")
 #: In the penalty box (penalty_box.reply: 421 or 554).
 PENALTY_TRY_LATER = Reply(
     421, "4.7.0", "{hostname} Error: too many protocol violations, try again later"

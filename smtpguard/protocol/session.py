@@ -99,6 +99,9 @@ class SessionOptions:
     implicit_tls: bool = False
     #: Postfix's smtpd_tls_auth_only: no AUTH on a plaintext session.
     auth_require_tls: bool = True
+    #: Per-client rates (clientrates.py): asked before a MAIL ("message") or
+    #: a RCPT ("recipient") goes out; False answers it 450 4.7.1 locally.
+    admit: Callable[[str], bool] | None = None
     #: Deferred upstream connect: smtpguard's own greeting (a whole reply,
     #: ``220 ...\r\n``), sent by :meth:`Session.greet`; the upstream's is
     #: then consumed.  None: the upstream's greeting is relayed.
@@ -929,6 +932,11 @@ class Session:
         if verb is Verb.AUTH and self.options.auth_require_tls and not self.state.tls:
             self._local(verb, R.AUTH_NEEDS_TLS)
             return True
+        if verb is Verb.MAIL or verb is Verb.RCPT:
+            admit = self.options.admit
+            if admit is not None and not admit("message" if verb is Verb.MAIL else "recipient"):
+                self._local(verb, P.TOO_MUCH_MAIL if verb is Verb.MAIL else P.RCPT_RATE)
+                return True
         if verb is Verb.MAIL:
             self._new_transaction()
         elif verb is Verb.RCPT:

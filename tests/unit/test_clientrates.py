@@ -45,3 +45,11 @@ def test_the_penalty_box() -> None:
 def test_violations_spread_out_never_box() -> None:
     rates = ClientRates(RateSettings(penalty_violations=3, penalty_window_seconds=10))
     assert not any(rates.violations("slow", 1, t * 11.0) for t in range(20))
+
+
+def test_message_and_recipient_rates() -> None:
+    rates = ClientRates(RateSettings(messages_per_minute=2, recipients_per_minute=3))
+    assert [rates.allow("message", "a", t) for t in (0, 1, 2)] == [True, True, False]
+    assert [rates.allow("recipient", "a", t) for t in (0, 1, 2, 3)] == [True] * 3 + [False]
+    assert rates.allow("message", "b", 2)  # per key
+    assert rates.allow("message", "a", 61)  # the window moved on

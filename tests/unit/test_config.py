@@ -75,6 +75,8 @@ def test_config_is_frozen() -> None:
         ({"rates": {"ipv4_prefix": 33}}, "rates.ipv4_prefix", "at most 32"),
         ({"rates": {"connections_per_minute": 1.5}}, "rates.connections_per_minute", "whole"),
         ({"penalty_box": {"reply": 550}}, "penalty_box.reply", "421 or 554"),
+        ({"rates": {"messages_per_minute": -1}}, "rates.messages_per_minute", "at least"),
+        ({"rates": {"recipients_per_minute": "x"}}, "rates.recipients_per_minute", "number"),
         ({"penalty_box": {"violations": "many"}}, "penalty_box.violations", "number"),
     ],
 )

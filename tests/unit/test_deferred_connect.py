@@ -78,3 +78,38 @@ def test_bytes_before_our_greeting_are_early_talk() -> None:
     s.receive_client(b"EHLO early\r\n")  # greet_wait: not greeted yet
     assert s.closed
     assert s.take_client_bytes().startswith(b"521 ")
+
+
+def test_a_client_over_its_message_or_recipient_rate_gets_450() -> None:
+    asked: list[str] = []
+    budget = {"message": 1, "recipient": 1}
+
+    def admit(kind: str) -> bool:
+        asked.append(kind)
+        budget[kind] -= 1
+        return budget[kind] >= 0
+
+    s = Session(SessionOptions(admit=admit))
+    s.receive_upstream(b"220 up\r\n")
+    s.receive_client(b"EHLO c\r\n")
+    s.receive_upstream(b"250-up\r\n250 ENHANCEDSTATUSCODES\r\n")
+    s.take_client_bytes()
+    s.take_upstream_bytes()
+    s.receive_client(b"MAIL FROM:<a@b>\r\n")
+    s.receive_upstream(b"250 2.1.0 ok\r\n")
+    s.receive_client(b"RCPT TO:<c@d>\r\n")
+    s.receive_upstream(b"250 2.1.5 ok\r\n")
+    s.receive_client(b"RCPT TO:<e@f>\r\n")
+    assert s.take_upstream_bytes() == b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+    assert s.take_client_bytes().endswith(
+        b"450 4.7.1 Error: too many recipients from you, try again later\r\n"
+    )
+    s.receive_client(b"RSET\r\n")
+    s.receive_upstream(b"250 2.0.0 ok\r\n")
+    s.take_client_bytes()
+    s.receive_client(b"MAIL FROM:<a@b>\r\n")
+    assert s.take_upstream_bytes() == b"RSET\r\n"  # the second MAIL never went out
+    assert s.take_client_bytes() == (
+        b"450 4.7.1 Error: too much mail from you, try again later\r\n"
+    )
+    assert asked == ["message", "recipient", "recipient", "message"]
