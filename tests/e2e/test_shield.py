@@ -236,3 +236,32 @@ def test_a_flood_of_silent_and_slow_clients_leaves_the_upstream_alone(
             sock.close()
     wait_for(lambda: guard.metric("smtpguard_sessions_open") == 0, 60)
     assert established(small_postfix.port) == 0
+
+
+def test_a_client_with_repeated_violations_is_boxed_before_the_upstream(
+    guard_factory: GuardFactory, small_postfix: Postfix
+) -> None:
+    guard = deferred(
+        guard_factory,
+        small_postfix,
+        penalty_box={"violations": 3, "window_seconds": 60, "seconds": 60, "reply": 554},
+    )
+    with RawClient(guard.port) as bad:
+        bad.reply()
+        bad.send(b"EHLO bad.test\r\n")
+        bad.reply()
+        for command in (b"RCPT TO:<a@example.org>", b"DATA", b"RCPT TO:<b@example.org>"):
+            bad.send(command + b"\r\n")
+            assert bad.reply().startswith(b"503 ")
+        bad.send(b"QUIT\r\n")
+        bad.reply()
+    wait_for(lambda: guard.metric("smtpguard_penalty_box_entries_total") == 1, 10)
+    offset = small_postfix.log_offset()
+    with RawClient(guard.port) as again:
+        assert again.read_to_eof() == (
+            b"554 5.7.1 guard.test Error: access denied: too many protocol violations\r\n"
+        )
+    assert guard.metric("smtpguard_penalty_box_refusals_total") == 1
+    assert guard.log().count('event="penalty box"') == 1
+    time.sleep(0.5)
+    assert connects(small_postfix, offset) == 0
