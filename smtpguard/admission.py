@@ -41,6 +41,8 @@ class UpstreamLimiter:
     """The slots of every upstream address, for the sessions of one config."""
 
     def __init__(self, max_sessions: int, workers: int, queue_seconds: float, metrics: Metrics):
+        self.max_sessions = max_sessions
+        self.workers = workers
         #: Slots per address in this process (0: no cap).
         self.per_process = max(1, max_sessions // max(1, workers)) if max_sessions else 0
         self.queue_seconds = queue_seconds

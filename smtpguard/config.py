@@ -404,7 +404,7 @@ def _rates(raw: Mapping[str, Any]) -> RateSettings:
         return number
 
     reply = box.get("reply", 421)
-    if reply not in (421, 554):
+    if not isinstance(reply, int) or isinstance(reply, bool) or reply not in (421, 554):
         raise ConfigError("penalty_box.reply", f"must be 421 or 554, got {reply!r}")
     return RateSettings(
         connections_per_minute=whole(
@@ -540,9 +540,14 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         )
     banner = raw.get("banner")
     if banner is not None and (
-        not isinstance(banner, str) or not banner.strip() or any(c in banner for c in "\r\n")
+        not isinstance(banner, str)
+        or not banner.strip()
+        or any(c in banner for c in "\r\n")
+        or len(banner.encode()) > 500
     ):
-        raise ConfigError("banner", "must be one line of text (the 220 greeting's text)")
+        raise ConfigError(
+            "banner", "must be one line of text, at most 500 octets (the 220 greeting's text)"
+        )
     up_limits = _section(raw, "upstream_limits", {"max_sessions", "queue_seconds"})
     max_sessions = int(
         _number("upstream_limits.max_sessions", up_limits.get("max_sessions", 0), 0, True)

@@ -40,7 +40,10 @@ from .protocol.session import (
 LOCAL_CODES = (
     "214",
     "220",
+    "221",
+    "250",
     "421",
+    "450",
     "452",
     "500",
     "501",

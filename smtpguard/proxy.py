@@ -302,8 +302,10 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.session.has_client_bytes:
-                    # Fed before the pumps started (the greeting after XCLIENT).
+                if self.session.has_client_bytes or self.session.has_upstream_bytes:
+                    # Fed before the pumps started: the greeting after XCLIENT,
+                    # or (deferred connect) the client's first command, ready
+                    # once the upstream's greeting came with its TLS or XCLIENT.
                     nursery.start_soon(self._settle)
                 nursery.start_soon(self._pump_client)
                 self._watching = True
@@ -857,7 +859,11 @@ class Proxy:
                         break
                     chunk = await client.receive_some(READ_BYTES)
                     if not chunk:
-                        session.abort("client_closed")
+                        # Half-closed after its commands (printf ... | nc -N):
+                        # they are still answered; with none, the session ends.
+                        session.client_eof()
+                        if not session.wants_upstream:
+                            session.abort("client_closed")
                         break
                     read += len(chunk)
                     session.receive_client(chunk)
@@ -884,7 +890,16 @@ class Proxy:
         if not self._fixed_upstream and config.upstream is not None:
             self.upstream = config.upstream
         self._use_upstreams(config)
-        self._limiter = self._new_limiter(config)
+        limiter = self._limiter
+        if (limiter.max_sessions, limiter.workers, limiter.queue_seconds) != (
+            config.upstream_max_sessions,
+            config.workers,
+            config.upstream_queue_seconds,
+        ):
+            # A changed cap applies to new sessions; those in flight keep
+            # their slots in the old one.  Unchanged (a certificate renewal),
+            # the same slots go on: a reload must not lift the cap.
+            self._limiter = self._new_limiter(config)
         self._rates.settings = config.rates
 
     def _use_upstreams(self, config: Config) -> None:
@@ -1183,16 +1198,20 @@ class Proxy:
         rates = self._rates
         key = client_key(host, rates.settings)
         now = trio.current_time()
+        observe = self.config.connections_observe  # policy.mode: observe counts only
         if rates.penalized(key, now) is not None:
             self.metrics.penalty_refusals.inc()  # logged once, when it went in
-            return PENALTY_DENIED if rates.settings.penalty_reply == 554 else PENALTY_TRY_LATER
+            if not observe:
+                return PENALTY_DENIED if rates.settings.penalty_reply == 554 else PENALTY_TRY_LATER
         if not rates.connect(key, now):
             self.metrics.rate_refusals.inc()
+            action = "observe" if observe else "reject"
             log.warning(
                 "policy",
-                extra=fields(conn=conn_id, client=peer, defence="connection_rate", action="reject"),
+                extra=fields(conn=conn_id, client=peer, defence="connection_rate", action=action),
             )
-            return CONNECTION_RATE
+            if not observe:
+                return CONNECTION_RATE
         return None
 
     def _admitter(self, host: str) -> Callable[[str], bool]:
@@ -1200,12 +1219,13 @@ class Proxy:
         (recipient)?", answered from this process's per-client rates."""
         rates = self._rates
         key = client_key(host, rates.settings)
+        observe = self.config.connections_observe  # policy.mode: observe counts only
 
         def admit(kind: str) -> bool:
             if rates.allow(kind, key, trio.current_time()):
                 return True
             self.metrics.rate_refusals_commands.labels(kind).inc()
-            return False
+            return observe
 
         return admit
 

@@ -83,8 +83,11 @@ def _ssl_ctx(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int]:
 def set_groups(context: ssl.SSLContext, groups: Sequence[str], key: str = "tls.groups") -> None:
     """The key-exchange groups, in order of preference (OpenSSL names:
     ``X25519``, ``P-256``, ``P-384``, ``X448``, ``P-521``, ``ffdhe2048`` ...)."""
+    joined = ":".join(groups)
+    if not joined.isascii() or not joined.isprintable():
+        raise TLSSetupError(key, f"unknown or unsupported group in {joined!r}")
     lib, pointer = _ssl_ctx(context)
-    names = ":".join(groups).encode("ascii")
+    names = joined.encode("ascii")
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, names) != 1:
         raise TLSSetupError(key, f"unknown or unsupported group in {':'.join(groups)!r}")
 

@@ -101,3 +101,37 @@ async def test_message_rate_per_client_across_sessions() -> None:
         await read_to_eof(second)
     kind = {"kind": "message"}
     assert registry.get_sample_value("smtpguard_client_rate_refusals_total", kind) == 1
+
+
+async def test_observe_mode_counts_rates_and_the_penalty_box_but_refuses_nothing() -> None:
+    registry = CollectorRegistry()
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            mine, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(FakeUpstream(theirs).run)
+            return mine
+
+        proxy = make_proxy(
+            registry,
+            connect,
+            policy={"mode": "observe"},
+            penalty_box={"violations": 1},
+            rates={"connections_per_minute": 1, "messages_per_minute": 1},
+        )
+        first = await _session(nursery, proxy, "192.0.2.50")
+        await read_replies(first, 1)
+        await first.send_all(b"EHLO c\r\nRCPT TO:<a@b>\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
+        await read_replies(first, 4)
+        await read_to_eof(first)
+        with trio.fail_after(5):
+            while not value(registry, "smtpguard_penalty_box_entries_total"):
+                await trio.sleep(0.01)
+        second = await _session(nursery, proxy, "192.0.2.50")
+        assert (await read_replies(second, 1))[0] == b"220 fake ESMTP\r\n"  # served
+        await second.send_all(b"EHLO c\r\nMAIL FROM:<a@b>\r\nQUIT\r\n")
+        assert (await read_replies(second, 3))[1].startswith(b"250")  # the MAIL went on
+        await read_to_eof(second)
+    assert value(registry, "smtpguard_penalty_box_refusals_total") == 1  # counted only
+    assert value(registry, "smtpguard_connection_rate_refusals_total") == 1
+    assert value(registry, "smtpguard_client_rate_refusals_total", kind="message") == 1

@@ -44,3 +44,40 @@ async def test_the_upstream_is_connected_at_the_first_command(
     # Before: bytes_in=0, the bytes read before the upstream existed were lost.
     assert fields["bytes_in"] == len(sent)
     assert fields["bytes_out"] == len(received)
+
+
+async def test_deferred_connect_with_xclient_sends_the_first_command() -> None:
+    # Before: the upstream's greeting after XCLIENT was consumed, the client's
+    # EHLO waited in the session and nothing sent it: 421 after the timeout.
+    from test_starttls_trio import Replies, _harness
+
+    async with _harness(
+        {"upstream_identity": "xclient", "upstream_connect": "on_command"},
+        client_addr=("192.0.2.7", 4242),
+    ) as h:
+        replies = Replies(h.client)
+        assert await replies.one() == b"220 guard.test ESMTP\r\n"
+        await h.client.send_all(b"EHLO client.test\r\nQUIT\r\n")
+        with trio.fail_after(5):
+            ehlo, bye = await replies.read(2)
+        assert ehlo.startswith(b"250-fake\r\n") and bye == b"221 2.0.0 bye\r\n"
+        await h.handled.wait()
+        assert h.upstream.lines == [
+            b"XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=4242",
+            b"EHLO client.test",
+            b"QUIT",
+        ]
+
+
+def test_a_reload_keeps_the_upstream_slots_unless_the_cap_changes() -> None:
+    from smtpguard.config import load
+    from smtpguard.metrics import Metrics
+    from smtpguard.proxy import Proxy
+
+    base = {"upstream": "127.0.0.1:25", "workers": 1, "upstream_limits": {"max_sessions": 2}}
+    proxy = Proxy(load(base), Metrics(CollectorRegistry()))
+    limiter = proxy._limiter
+    proxy.reload(load(base))  # a certificate renewal, say
+    assert proxy._limiter is limiter  # before: new slots, the cap lifted
+    proxy.reload(load({**base, "upstream_limits": {"max_sessions": 3}}))
+    assert proxy._limiter is not limiter and proxy._limiter.per_process == 3

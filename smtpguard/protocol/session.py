@@ -225,6 +225,7 @@ class Session:
         "_unknown",
         "_upstream_ehlo",
         "_greeted",
+        "_judged",
         "upstream_banner",
         "_upstream_pipelining",
         "_upstream_replies",
@@ -249,6 +250,8 @@ class Session:
         self._inflight: deque[_Slot] = deque([first])
         #: smtpguard's own greeting is out (deferred connect).
         self._greeted = False
+        #: The client's first line has been judged (deferred connect).
+        self._judged = False
         #: The upstream's refusing greeting (554), for the client's first command.
         self._refusal: bytes | None = None
         #: The text of the upstream's 2xx greeting, once seen (deferred connect:
@@ -456,16 +459,23 @@ class Session:
 
     @property
     def wants_upstream(self) -> bool:
-        """Deferred connect: the client sent a command the upstream must answer."""
+        """Deferred connect: the client sent a command the upstream must answer
+        (or, with ``non_smtp: observe``, anything that is a whole line)."""
         if self.closed or not self._greeted or self.state.phase is not Phase.GREETING:
             return False
         limit = max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
-        return greeting.judge(self._client_buf, limit) is greeting.FirstLine.COMMAND
+        first = greeting.judge(self._client_buf, limit)
+        return first is not greeting.FirstLine.INCOMPLETE and first is not greeting.FirstLine.QUIT
 
     def _judge_first_line(self) -> None:
-        """Non-SMTP clients and QUIT are settled before any upstream exists."""
+        """Non-SMTP clients and QUIT are settled before any upstream exists
+        (once: later bytes wait in the buffer for the upstream)."""
+        if self._judged:
+            return
         limit = max(self.options.max_line_bytes, self.options.max_sasl_line_bytes)
         first = greeting.judge(self._client_buf, limit)
+        if first is not greeting.FirstLine.INCOMPLETE:
+            self._judged = True
         if first is greeting.FirstLine.QUIT:
             self._client_buf.clear()
             self._local(Verb.QUIT, R.BYE)
@@ -489,7 +499,9 @@ class Session:
             self._refusal = reply.raw
 
     def _maybe_finish(self) -> None:
-        if self._slots or self._held is not None or self.closed:
+        # An internal reply still owed (deferred connect: the upstream's
+        # greeting) comes before anything buffered is answered.
+        if self._slots or self._inflight or self._held is not None or self.closed:
             return
         if self._final is not None:
             reply, reason = self._final
@@ -887,8 +899,7 @@ class Session:
         if self._refusal is not None and verb is not Verb.QUIT:
             # The upstream refused the session (554): this first command hears it.
             refusal, self._refusal = self._refusal, None
-            self._events.append(LocalReply(verb, int(refusal[:3])))
-            self._queue(_Slot(verb, verb, refusal))
+            self._queue(_Slot(verb, verb, refusal))  # counted as the upstream's greeting
             return True
         if verb in LOCAL_ONLY:
             self._local(verb, R.UNKNOWN_COMMAND)
@@ -977,8 +988,9 @@ class Session:
             data = self._learn_capabilities(self._upstream_ehlo)
         else:
             self._set_capabilities(ehlo.NO_EXTENSIONS)
-            first = self._upstream_ehlo[0]
-            data = b"250 " + first[4:].split(None, 1)[0] + b"\r\n"
+            words = self._upstream_ehlo[0][4:].split(None, 1)
+            name = words[0] if words else self.options.hostname.encode()
+            data = b"250 " + name + b"\r\n"
         self.state = transition(self.state, verb, 2)
         self._recompute_possible()
         self._events.append(LocalReply(verb, 250))
@@ -1114,6 +1126,8 @@ class Session:
             # CHUNKING was not offered (the upstream lacks it, or it is
             # switched off): never forward BDAT, whose chunk such an upstream
             # would read as commands.  The chunk is framed all the same.
+            if self._inflight and not self._upstream_pipelining:
+                return False  # the RSET that may follow waits its turn
             self._refuse_chunk(size, last)
             self._local(Verb.BDAT, R.NOT_IMPLEMENTED)
             return True

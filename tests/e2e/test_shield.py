@@ -106,7 +106,7 @@ def test_silent_and_quitting_clients_never_reach_the_upstream(
             web.reply()
             web.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert web.read_to_eof().startswith(b"521 5.7.0 ")
-        assert guard.metric("smtpguard_sessions_open") == 30
+        wait_for(lambda: guard.metric("smtpguard_sessions_open") == 30, 10)
         time.sleep(0.5)
         assert connects(small_postfix, offset) == 0
         assert established(small_postfix.port) == 0

@@ -113,3 +113,30 @@ def test_a_client_over_its_message_or_recipient_rate_gets_450() -> None:
         b"450 4.7.1 Error: too much mail from you, try again later\r\n"
     )
     assert asked == ["message", "recipient", "recipient", "message"]
+
+
+def test_non_smtp_in_observe_mode_goes_to_the_upstream_once_judged() -> None:
+    # Before: it was neither closed nor sent on: buffered without bound.
+    s = deferred(policy=Policy(non_smtp="observe"))
+    s.receive_client(b"GET / HTTP/1.0\r\n")
+    assert s.wants_upstream and not s.closed
+    for _ in range(50):
+        s.receive_client(b"X-Header: value\r\n")
+    judged = [e for e in s.take_events() if type(e).__name__ == "PolicyAction"]
+    assert len(judged) == 1
+
+
+def test_a_client_half_closing_after_its_commands_still_gets_answers() -> None:
+    # printf 'EHLO c\r\nQUIT\r\n' | nc -N: before, only the 220 came back.
+    s = deferred()
+    s.receive_client(b"EHLO c\r\nQUIT\r\n")
+    s.client_eof()
+    assert not s.closed and s.wants_upstream
+    s.receive_upstream(b"220 up\r\n")
+    assert s.take_upstream_bytes() == b"EHLO c\r\n"
+    s.receive_upstream(b"250 up\r\n")
+    assert s.take_upstream_bytes() == b"QUIT\r\n"
+    s.receive_upstream(b"221 bye\r\n")
+    answers = s.take_client_bytes()
+    assert answers.startswith(b"250-up\r\n") and answers.endswith(b"\r\n221 bye\r\n")
+    assert s.closed and s.close_reason == "quit"

@@ -230,3 +230,30 @@ def test_the_summary_line_knows_every_verb() -> None:
     summary.observe([UpstreamReplied(verb, 250) for verb in Verb if verb is not Verb.GREETING])
     fields = summary.fields()
     assert fields["etrn"] == "1" and list(fields)[-3] == "quit"
+
+
+def test_the_rset_after_a_refused_bdat_waits_for_a_serial_upstream() -> None:
+    # An upstream without PIPELINING got "RCPT ...\r\nRSET\r\n" back to back.
+    p = Peer()
+    p.ready(b"250-up.example\r\n250 SIZE 1000\r\n")
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    p.client(b"RCPT TO:<c@d>\r\n")
+    p.upstream(b"250 ok\r\n")
+    up, _ = p.client(b"RCPT TO:<e@f>\r\nBDAT 3 LAST\r\nabc")
+    assert up == b"RCPT TO:<e@f>\r\n"
+    up, down = p.upstream(b"250 ok\r\n")
+    assert up == b"RSET\r\n"
+    assert down == b"250 ok\r\n502 Error: command not implemented\r\n"
+
+
+def test_helo_after_starttls_with_a_nameless_upstream_ehlo_line() -> None:
+    # The upstream's EHLO first line was "250-" alone: HELO after TLS raised IndexError.
+    p = Peer(tls_offered=True)
+    p.upstream(b"220 up\r\n")
+    p.client(b"EHLO c\r\n")
+    p.upstream(b"250-\r\n250 PIPELINING\r\n")
+    p.client(b"STARTTLS\r\n")
+    p.s.tls_started()
+    up, down = p.client(b"HELO c\r\n")
+    assert up == b"" and down == b"250 smtpguard\r\n"
