@@ -3,10 +3,23 @@ what a client is told at connect, and that the upstream is never bothered."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
 from test_proxy import FakeUpstream, make_proxy, read_replies, read_to_eof, value
+
+
+def fake_upstreams(nursery: trio.Nursery) -> Callable[[], Awaitable[trio.abc.Stream]]:
+    """A connect function: each call starts a new FakeUpstream."""
+
+    async def connect() -> trio.abc.Stream:
+        mine, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(FakeUpstream(theirs).run)
+        return mine
+
+    return connect
 
 
 async def _session(nursery: trio.Nursery, proxy: object, host: str) -> trio.abc.Stream:
@@ -60,11 +73,7 @@ async def test_repeated_violations_put_a_client_in_the_penalty_box() -> None:
 async def test_connection_rate_per_client() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            mine, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(FakeUpstream(theirs).run)
-            return mine
+        connect = fake_upstreams(nursery)
 
         proxy = make_proxy(registry, connect, rates={"connections_per_minute": 2})
         for _ in range(2):
@@ -82,11 +91,7 @@ async def test_connection_rate_per_client() -> None:
 async def test_message_rate_per_client_across_sessions() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            mine, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(FakeUpstream(theirs).run)
-            return mine
+        connect = fake_upstreams(nursery)
 
         proxy = make_proxy(registry, connect, rates={"messages_per_minute": 1})
         first = await _session(nursery, proxy, "203.0.113.9")
@@ -106,11 +111,7 @@ async def test_message_rate_per_client_across_sessions() -> None:
 async def test_observe_mode_counts_rates_and_the_penalty_box_but_refuses_nothing() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            mine, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(FakeUpstream(theirs).run)
-            return mine
+        connect = fake_upstreams(nursery)
 
         proxy = make_proxy(
             registry,
