@@ -14,7 +14,9 @@ time (trio's clock in the proxy, plain numbers in the tests).
 
 The key is the client's address, or its network (``/24``, ``/64``) where
 configured.  The state is per process: with ``workers: N`` each worker
-keeps its own (a client's connections spread over the workers).
+keeps its own (a client's connections spread over the workers), unless a
+shared store is configured (store.py), which this state then backs up while
+the store is down.
 """
 
 from __future__ import annotations
@@ -100,18 +102,27 @@ class ClientRates:
 
     def connect(self, key: str, now: float) -> bool:
         """A new connection from ``key``: False if over the connection rate."""
-        return self._take(self._connections, self.settings.connections_per_minute, key, now)
+        limit = self.settings.connections_per_minute
+        return self._take(self._connections, limit, key, now) if limit else True
 
-    def allow(self, kind: str, key: str, now: float) -> bool:
+    def allow(self, kind: str, key: str, now: float, others: int = 0) -> bool:
         """A MAIL (``kind`` "message") or RCPT ("recipient") from ``key``:
-        False if over its rate."""
+        False if over its rate, counting ``others`` admitted elsewhere (the
+        other processes, through the shared store)."""
         if kind == "message":
-            return self._take(self._messages, self.settings.messages_per_minute, key, now)
-        return self._take(self._recipients, self.settings.recipients_per_minute, key, now)
+            limit, table = self.settings.messages_per_minute, self._messages
+        else:
+            limit, table = self.settings.recipients_per_minute, self._recipients
+        return self._take(table, limit - others, key, now) if limit else True
+
+    def count(self, kind: str, key: str, now: float) -> int:
+        """How many ``kind`` events of ``key`` this process admitted in the
+        last 60 seconds."""
+        table = self._messages if kind == "message" else self._recipients
+        window = table.get(key)
+        return window.count(now, 60.0) if window is not None else 0
 
     def _take(self, table: dict[str, _Window], limit: int, key: str, now: float) -> bool:
-        if not limit:
-            return True
         window = self._window(table, key)
         if window.count(now, 60.0) >= limit:
             return False

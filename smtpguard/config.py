@@ -94,6 +94,17 @@ class Timeouts:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """The ``store`` section: Redis shared by every worker and instance (store.py)."""
+
+    #: ``redis://host:port/db``, ``rediss://...`` or ``unix:///path``; None: no store.
+    redis: str | None = None
+    timeout_seconds: float = 0.25
+    retry_seconds: float = 2.0
+    key_prefix: str = "smtpguard:"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole validated configuration."""
 
@@ -122,6 +133,7 @@ class Config:
     upstream_queue_seconds: float = 30.0
     #: Per-client connection rate and penalty box (see clientrates.py).
     rates: RateSettings = field(default_factory=RateSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     max_connections: int = 10000
     max_connections_per_client: int = 50
     #: Connection limits only count (``policy.mode: observe``).
@@ -198,6 +210,7 @@ _TOP_KEYS = {
     "upstream_limits",
     "rates",
     "penalty_box",
+    "store",
 }
 
 
@@ -383,6 +396,28 @@ def _groups(key: str, value: object) -> tuple[str, ...]:
     return tuple(g.strip() for g in items)
 
 
+def _store(raw: Mapping[str, Any]) -> StoreSettings:
+    store = _section(raw, "store", {"redis", "timeout_seconds", "retry_seconds", "key_prefix"})
+    url = store.get("redis")
+    if url is not None:
+        schemes = ("redis://", "rediss://", "unix://")
+        if not isinstance(url, str) or not url.startswith(schemes) or len(url) <= 8:
+            raise ConfigError(
+                "store.redis", f"must be a redis://, rediss:// or unix:// URL, got {url!r}"
+            )
+    prefix = store.get("key_prefix", "smtpguard:")
+    if not isinstance(prefix, str) or any(c in prefix for c in "{} \r\n"):
+        raise ConfigError(
+            "store.key_prefix", f"must be a string without braces or spaces, got {prefix!r}"
+        )
+    return StoreSettings(
+        redis=url,
+        timeout_seconds=_number("store.timeout_seconds", store.get("timeout_seconds", 0.25), 0.001),
+        retry_seconds=_number("store.retry_seconds", store.get("retry_seconds", 2), 0.01),
+        key_prefix=prefix,
+    )
+
+
 def _rates(raw: Mapping[str, Any]) -> RateSettings:
     rates = _section(
         raw,
@@ -554,6 +589,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     )
     queue_seconds = _number("upstream_limits.queue_seconds", up_limits.get("queue_seconds", 30), 0)
     rates = _rates(raw)
+    store = _store(raw)
     selection = raw.get("upstream_selection", "ordered")
     if selection not in ("ordered", "round_robin"):
         raise ConfigError(
@@ -694,6 +730,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         banner=banner,
         upstream_max_sessions=max_sessions,
         rates=rates,
+        store=store,
         upstream_queue_seconds=queue_seconds,
         max_connections=max_connections,
         max_connections_per_client=max_per_client,

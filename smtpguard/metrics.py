@@ -36,6 +36,9 @@ from .protocol.session import (
     Violation,
 )
 
+#: The shared store's calls (store.Op; not imported: the store needs coredis).
+STORE_OPS = ("connect", "upstream_slot", "sync", "violations", "ping")
+
 #: Codes smtpguard can answer with on its own.
 LOCAL_CODES = (
     "214",
@@ -174,6 +177,31 @@ class Metrics:
             "Connections refused at connect because the client is in the penalty box",
             registry=r,
         )
+        # The shared store (store.py): up, failures and the cost of each call.
+        self.store_up = Gauge(
+            "smtpguard_store_up",
+            "1 while the shared store answers, 0 while limits fall back to this process "
+            "(no series without a store)",
+            ["store"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.store_errors = Counter(
+            "smtpguard_store_errors",
+            "Calls to the shared store that failed or timed out (mail flows: fail open)",
+            ["op"],
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "smtpguard_store_call_seconds",
+            "Duration of the calls to the shared store that succeeded",
+            ["op"],
+            buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
+            self.store_seconds.labels(op)
         self.upstream_busy_refusals = Counter(
             "smtpguard_upstream_busy",
             "Clients refused 421 4.3.2 because no upstream slot came free in time",

@@ -58,6 +58,7 @@ from .protocol.session import (
     UpstreamReplied,
     Violation,
 )
+from .store import RedisStore, Refusal
 from .summary import SessionSummary
 
 log = logging.getLogger("smtpguard")
@@ -816,9 +817,17 @@ class Proxy:
         self._total_connections = 0
         self._fixed_upstream = upstream is not config.upstream
         self._use_upstreams(config)
-        self._limiter = self._new_limiter(config)
-        #: Per-client connection rates and the penalty box (kept across reloads).
+        #: Per-client connection rates and the penalty box (kept across reloads;
+        #: with a store, they back it up while it is down).
         self._rates = ClientRates(config.rates)
+        #: The shared store (Redis), for the life of the process: a reload
+        #: that changes ``store`` needs a restart.
+        self._store = (
+            RedisStore(config.store, self.metrics, self._own_count) if config.store.redis else None
+        )
+        self._limiter = self._new_limiter(config)
+        #: Sessions' members in the shared store's per-client sets: conn -> (key, member).
+        self._members: dict[int, tuple[str, str]] = {}
         #: The text of each upstream's last 2xx greeting (deferred connect).
         self._banners: dict[Address, bytes] = {}
 
@@ -828,6 +837,7 @@ class Proxy:
             config.workers,
             config.upstream_queue_seconds,
             self.metrics,
+            self._store,
         )
 
     def _greeting(self, listener: Listener | None) -> bytes:
@@ -1118,8 +1128,11 @@ class Proxy:
         finally:
             if permit is not None:
                 permit.release()
+            held = self._members.pop(conn_id, None)
+            if held is not None and self._store is not None:
+                self._store.disconnect(*held)
             if session.violations:
-                self._count_violations(client_host, session, conn_id, peer)
+                await self._count_violations(client_host, session, conn_id, peer)
             if session.upstream_banner is not None and up_address is not None:
                 self._banners[up_address] = session.upstream_banner
             self._connections[client_host] -= 1
@@ -1155,7 +1168,7 @@ class Proxy:
     ) -> bool:
         """Connection limits and greet_wait, before the upstream is bothered."""
         config = self.config
-        refusal = self._client_refusal(host, conn_id, peer)
+        refusal = await self._client_refusal(host, conn_id, peer)
         if refusal is not None:
             session.refuse(refusal)
             await self._answer_and_close(client, session)
@@ -1193,53 +1206,103 @@ class Proxy:
                     return False
         return True
 
-    def _client_refusal(self, host: str, conn_id: int, peer: str) -> Reply | None:
-        """The penalty box and the connection rate (see clientrates.py)."""
+    async def _client_refusal(self, host: str, conn_id: int, peer: str) -> Reply | None:
+        """The penalty box, the connection rate and (with a shared store) the
+        client's concurrent sessions: see clientrates.py and store.py."""
         rates = self._rates
         key = client_key(host, rates.settings)
         now = trio.current_time()
         observe = self.config.connections_observe  # policy.mode: observe counts only
+        store = self._store
+        if store is not None and store.up:
+            verdict = await store.connect(
+                key,
+                rates.settings.connections_per_minute,
+                self.config.max_connections_per_client,
+                observe,
+            )
+            if verdict is not None:
+                self._members[conn_id] = (key, verdict.member)
+                rates.connect(key, now)  # this process's state backs the store up
+                if verdict.refusal is None:
+                    return None
+                return self._refused(verdict.refusal, conn_id, peer)
         if rates.penalized(key, now) is not None:
-            self.metrics.penalty_refusals.inc()  # logged once, when it went in
-            if not observe:
-                return PENALTY_DENIED if rates.settings.penalty_reply == 554 else PENALTY_TRY_LATER
+            refusal = self._refused(Refusal.PENALTY, conn_id, peer)
+            if refusal is not None:  # observe mode goes on counting
+                return refusal
         if not rates.connect(key, now):
+            return self._refused(Refusal.RATE, conn_id, peer)
+        return None
+
+    def _refused(self, refusal: Refusal, conn_id: int, peer: str) -> Reply | None:
+        """Count (and log) a refusal at connect; its reply, None in observe mode."""
+        observe = self.config.connections_observe
+        action = "observe" if observe else "reject"
+        if refusal is Refusal.PENALTY:
+            self.metrics.penalty_refusals.inc()  # logged once, when it went in
+            penalty_reply = self._rates.settings.penalty_reply
+            reply = PENALTY_DENIED if penalty_reply == 554 else PENALTY_TRY_LATER
+        elif refusal is Refusal.RATE:
             self.metrics.rate_refusals.inc()
-            action = "observe" if observe else "reject"
             log.warning(
                 "policy",
                 extra=fields(conn=conn_id, client=peer, defence="connection_rate", action=action),
             )
-            if not observe:
-                return CONNECTION_RATE
-        return None
+            reply = CONNECTION_RATE
+        else:
+            self.metrics.policy_actions.labels(Defence.CONNECTIONS.value, action).inc()
+            log.warning(
+                "policy",
+                extra=fields(conn=conn_id, client=peer, defence="connections", action=action),
+            )
+            reply = TOO_MANY_CONNECTIONS
+        return None if observe else reply
 
     def _admitter(self, host: str) -> Callable[[str], bool]:
         """The session's question "may this client send one more message
-        (recipient)?", answered from this process's per-client rates."""
+        (recipient)?", answered from this process's per-client rates and,
+        with a shared store, the other processes' counts as last read."""
         rates = self._rates
         key = client_key(host, rates.settings)
         observe = self.config.connections_observe  # policy.mode: observe counts only
+        store = self._store
 
         def admit(kind: str) -> bool:
-            if rates.allow(kind, key, trio.current_time()):
+            others = store.others(kind, key) if store is not None else 0
+            if rates.allow(kind, key, trio.current_time(), others):
+                if store is not None:
+                    store.count(kind, key)
                 return True
             self.metrics.rate_refusals_commands.labels(kind).inc()
             return observe
 
         return admit
 
-    def _count_violations(self, host: str, session: Session, conn_id: int, peer: str) -> None:
-        """A session's violations, towards its client's penalty box."""
+    async def _count_violations(self, host: str, session: Session, conn_id: int, peer: str) -> None:
+        """A session's violations, towards its client's penalty box (the
+        fleet's with a shared store: only the process that boxed it logs)."""
         rates = self._rates
-        key = client_key(host, rates.settings)
-        if rates.violations(key, session.violations, trio.current_time()):
+        settings = rates.settings
+        key = client_key(host, settings)
+        now = trio.current_time()
+        boxed: bool | None = None
+        store = self._store
+        if store is not None and settings.penalty_violations:
+            boxed = await store.violations(
+                key,
+                session.violations,
+                settings.penalty_violations,
+                settings.penalty_window_seconds,
+                settings.penalty_seconds,
+            )
+        if boxed is None:
+            boxed = rates.violations(key, session.violations, now)
+        if boxed:
             self.metrics.penalty_entries.inc()
             log.warning(
                 "penalty box",
-                extra=fields(
-                    conn=conn_id, client=peer, key=key, seconds=rates.settings.penalty_seconds
-                ),
+                extra=fields(conn=conn_id, client=peer, key=key, seconds=settings.penalty_seconds),
             )
 
     async def _answer_and_close(self, client: trio.abc.Stream, session: Session) -> None:
@@ -1281,15 +1344,22 @@ class Proxy:
                     address=_sockname(sock), tls=spec.tls, proxy_protocol=spec.proxy_protocol
                 ),
             )
-        async with trio.open_nursery() as handlers:
-            self._handlers = handlers
-            with trio.CancelScope() as self._accepting:
-                async with trio.open_nursery() as accept:
-                    task_status.started([sock for sock, _ in listeners])
-                    for sock, spec in listeners:
-                        accept.start_soon(self._accept_loop, sock, spec)
-            # stop() cancelled the accept loops (and closed the listeners);
-            # the sessions in flight finish in the handlers nursery.
+        async with trio.open_nursery() as background:
+            if self._store is not None:
+                await background.start(self._store.run)
+            async with trio.open_nursery() as handlers:
+                self._handlers = handlers
+                with trio.CancelScope() as self._accepting:
+                    async with trio.open_nursery() as accept:
+                        task_status.started([sock for sock, _ in listeners])
+                        for sock, spec in listeners:
+                            accept.start_soon(self._accept_loop, sock, spec)
+                # stop() cancelled the accept loops (and closed the listeners);
+                # the sessions in flight finish in the handlers nursery.
+            background.cancel_scope.cancel()
+
+    def _own_count(self, kind: str, key: str) -> int:
+        return self._rates.count(kind, key, trio.current_time())
 
     async def stop(self, grace_seconds: float) -> None:
         """Graceful shutdown: stop accepting, let sessions finish within the

@@ -126,8 +126,10 @@ def _normalise(series: str) -> str:
 class RawClient:
     """A raw SMTP client that can send anything, in any order."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=15)
+    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None) -> None:
+        """``source``: the local address to connect from (any 127.x)."""
+        bind = (source, 0) if source is not None else None
+        self.sock = socket.create_connection((host, port), timeout=15, source_address=bind)
         self.buf = b""
 
     def send(self, data: bytes) -> None:

@@ -1,0 +1,483 @@
+"""The shared store: limits as wide as the fleet, kept in Redis (through coredis).
+
+Without a store every limit is per process (see clientrates.py and
+admission.py).  With ``store.redis`` set, every worker of every instance reads
+and writes the same Redis, so the limits hold for the fleet:
+
+- **At connect, one script call** decides the penalty box, the connection
+  rate and the client's concurrent sessions (a sorted set of its live
+  sessions, each a member scored by when its lease ends): exact across
+  workers and instances, because the script runs atomically in Redis.
+- **Upstream slots**: a sorted set per upstream address, one member per
+  session holding a slot.  A client beyond ``max_sessions`` waits in this
+  process's FIFO line; the head of the line asks Redis again whenever a slot
+  of this process comes free, and every ``SLOT_POLL_SECONDS`` otherwise.
+- **Messages and recipients** are never looked up on the command path: each
+  process counts its own (clientrates.py) and a background task pushes the
+  new counts and reads the fleet's totals in one pipelined call per batch;
+  a session's ``admit`` adds the other processes' counts as last read.  So a
+  fleet-wide message or recipient rate can be exceeded by what the other
+  processes admitted within one batch (milliseconds).
+- **Violations** are pushed at a session's end; the push that fills the
+  window puts the key in the penalty box (``SET ... NX``), and only that
+  process logs it: once per period for the whole fleet.
+- **Leases**: a member for a session (a client's concurrent session, an
+  upstream slot) ends ``LEASE_SECONDS`` after it was last renewed; the
+  background task renews those of live sessions.  A worker killed with its
+  sessions frees their slots when the lease ends.
+
+**Failure.** Every call is bounded by ``store.timeout_seconds``.  A failed
+call marks the store down for ``store.retry_seconds``: meanwhile no session
+asks it (none waits on it), each process decides from its own state as it
+would with no store, ``smtpguard_store_up`` is 0 and
+``smtpguard_store_errors_total{op}`` counts the failure.  The background task
+pings Redis to bring it back.  This is failing open: mail flows.
+
+Time in Redis is Redis's own (``TIME`` in the scripts), so the instances'
+clocks do not need to agree.  Keys carry a hash tag (``{...}``) so that a
+script's keys share one slot (Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import coredis
+import trio
+from coredis.commands.script import Script
+from coredis.retry import NoRetryPolicy
+
+from .config import StoreSettings
+from .logs import fields
+from .metrics import Metrics
+
+log = logging.getLogger("smtpguard")
+
+#: How long a session's member (concurrent session, upstream slot) lives
+#: without renewal; the background task renews live ones every third of it.
+LEASE_SECONDS = 300.0
+#: The head of an upstream line asks Redis again at least this often.
+SLOT_POLL_SECONDS = 0.05
+#: The background task's longest sleep when it has nothing to push.
+IDLE_SECONDS = 1.0
+
+T = TypeVar("T")
+
+
+class Op(enum.Enum):
+    """The store's calls, a closed set (the ``op`` label of its metrics)."""
+
+    CONNECT = "connect"  #: the connect script: penalty box, rate, concurrency
+    UPSTREAM_SLOT = "upstream_slot"  #: taking an upstream slot
+    SYNC = "sync"  #: the background batch: counts, releases, renewals
+    VIOLATIONS = "violations"  #: a session's violations, towards the penalty box
+    PING = "ping"  #: the probe while the store is down
+
+
+class Refusal(enum.Enum):
+    """What the connect script refused (None: admitted)."""
+
+    PENALTY = 1  #: the key is in the penalty box
+    RATE = 2  #: over the connection rate
+    CONCURRENCY = 3  #: over the concurrent sessions per client
+
+
+# KEYS: penalty, connection log, sessions, message log, recipient log.
+# ARGV: rate limit, concurrency limit, member, lease ms, observe (1: record
+# everything, refuse nothing).  Returns {refusal (0: none), penalty ms left,
+# the fleet's messages and recipients of the last minute}.
+_CONNECT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local observe = ARGV[5] == '1'
+local verdict = 0
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then
+  if not observe then return {1, left, 0, 0} end
+  verdict = 1
+end
+local rate = tonumber(ARGV[1])
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 60000)
+  if redis.call('ZCARD', KEYS[2]) >= rate then
+    if not observe then return {2, 0, 0, 0} end
+    if verdict == 0 then verdict = 2 end
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
+local most = tonumber(ARGV[2])
+if most > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= most then
+    if not observe then return {3, 0, 0, 0} end
+    if verdict == 0 then verdict = 3 end
+  end
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
+end
+local counts = {}
+for i = 4, 5 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - 60000)
+  counts[i - 3] = redis.call('ZCARD', KEYS[i])
+end
+return {verdict, math.max(left, 0), counts[1], counts[2]}
+"""
+
+# KEYS: the upstream's slots.  ARGV: max sessions, member, lease ms.
+_SLOT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: a rate log.  ARGV: new events, member prefix.  Returns the fleet's
+# count within the last 60 s.
+_COUNT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+for i = 1, tonumber(ARGV[1]) do
+  redis.call('ZADD', KEYS[1], now, ARGV[2] .. ':' .. i)
+end
+redis.call('PEXPIRE', KEYS[1], 60000)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: violations log, penalty.  ARGV: count, needed, window ms, penalty
+# ms, member prefix.  Returns 1 when this call put the key in the box.
+_VIOLATIONS = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local needed = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+for i = 1, math.min(tonumber(ARGV[1]), needed) do
+  redis.call('ZADD', KEYS[1], now, ARGV[5] .. ':' .. i)
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+if redis.call('ZCARD', KEYS[1]) < needed then return 0 end
+redis.call('DEL', KEYS[1])
+if redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[4]), 'NX') then return 1 end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectVerdict:
+    refusal: Refusal | None
+    #: The member naming this session in the client's set (to release).
+    member: str
+
+
+class RedisStore:
+    """One process's connection to the shared store."""
+
+    def __init__(
+        self,
+        settings: StoreSettings,
+        metrics: Metrics,
+        local_counts: Callable[[str, str], int],
+        *,
+        client: coredis.Redis[bytes] | None = None,
+    ) -> None:
+        assert settings.redis is not None
+        self.settings = settings
+        self._metrics = metrics
+        #: This process's own count of a kind for a key (clientrates.py), to
+        #: tell the other processes' part of the fleet's count.
+        self._local_counts = local_counts
+        self._client = client or coredis.Redis.from_url(
+            settings.redis,
+            connect_timeout=settings.timeout_seconds,
+            stream_timeout=settings.timeout_seconds,
+            retry_policy=NoRetryPolicy(),
+        )
+        self._connect = self._client.register_script(_CONNECT)
+        self._slot = self._client.register_script(_SLOT)
+        self._count = self._client.register_script(_COUNT)
+        self._violations = self._client.register_script(_VIOLATIONS)
+        #: This process, fleet-wide unique: members are "<process>:<n>".
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns() % 10**6}"
+        self._numbers = itertools.count(1)
+        self._down_until = -math.inf
+        self._up = True
+        #: Live members to renew, and members to release at the next batch.
+        self._live: set[tuple[str, str]] = set()  # (sorted set, member)
+        self._release: list[tuple[str, str]] = []
+        #: Per-client counts to push: (kind, key) -> new events.
+        self._pending: dict[tuple[str, str], int] = {}
+        #: The other processes' counts as last read: (kind, key) -> (count, when).
+        self._others: dict[tuple[str, str], tuple[int, float]] = {}
+        self._wake = trio.Event()
+        self._synced = trio.Event()
+        #: False until :meth:`run` has opened the client (then calls may go).
+        self._open = False
+        metrics.store_up.labels("redis").set(1)
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Whether sessions may ask the store now."""
+        return self._open and (self._up or trio.current_time() >= self._down_until)
+
+    def next_sync(self) -> trio.Event:
+        """Set when the next batch (releases, counts) has reached the store."""
+        return self._synced
+
+    def _failed(self, op: Op, exc: BaseException | None) -> None:
+        self._metrics.store_errors.labels(op.value).inc()
+        if self._up:
+            log.warning(
+                "store down",
+                extra=fields(
+                    op=op.value,
+                    error=type(exc).__name__ if exc else "timeout",
+                    retry_seconds=self.settings.retry_seconds,
+                ),
+            )
+        self._up = False
+        self._down_until = trio.current_time() + self.settings.retry_seconds
+        self._metrics.store_up.labels("redis").set(0)
+
+    def _recovered(self) -> None:
+        if not self._up:
+            log.warning("store up", extra=fields())
+        self._up = True
+        self._metrics.store_up.labels("redis").set(1)
+
+    async def _call(self, op: Op, call: Callable[[], Awaitable[T]]) -> T | None:
+        """``call()`` within the timeout; None (and the store marked down) if
+        it failed.  Never raises but Cancelled."""
+        if not self.up:
+            return None
+        started = trio.current_time()
+        failure: BaseException | None = None
+        with trio.move_on_after(self.settings.timeout_seconds):
+            try:
+                result = await call()
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                failure = exc
+            except Exception as exc:  # our bug or the client's: still fail open
+                log.exception("store call failed", extra=fields(op=op.value))
+                failure = exc
+            else:
+                self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
+                self._recovered()
+                return result
+        self._failed(op, failure)
+        return None
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"{self.settings.key_prefix}{{{key}}}:{kind}"
+
+    def _member(self) -> str:
+        return f"{self.process}:{next(self._numbers)}"
+
+    # -- connect -------------------------------------------------------------
+
+    async def connect(self, key: str, rate: int, most: int, observe: bool) -> ConnectVerdict | None:
+        """The penalty box, the connection rate (``rate`` per minute, 0: none)
+        and the concurrent sessions (``most``, 0: none) of client ``key``, in
+        one call.  None: the store is down (decide locally)."""
+        member = self._member()
+        names = ("penalty", "connections", "sessions", "message", "recipient")
+        keys = [self._key(k, key) for k in names]
+        args: list[str | int] = [rate, most, member, int(LEASE_SECONDS * 1000), int(observe)]
+        answer = await self._call(Op.CONNECT, lambda: _eval(self._connect, keys, args))
+        if answer is None:
+            return None
+        verdict = int(answer[0])
+        if not verdict or observe:
+            self._fleet("message", key, int(answer[2]))
+            self._fleet("recipient", key, int(answer[3]))
+        if most and (not verdict or observe):
+            self._live.add((keys[2], member))
+        return ConnectVerdict(Refusal(verdict) if verdict else None, member)
+
+    def disconnect(self, key: str, member: str) -> None:
+        """The session ``member`` of client ``key`` ended (released at the
+        next batch)."""
+        self._forget(self._key("sessions", key), member)
+
+    def _forget(self, set_key: str, name: str) -> None:
+        if (set_key, name) in self._live:
+            self._live.discard((set_key, name))
+            self._release.append((set_key, name))
+            self._wake.set()
+
+    # -- upstream slots ------------------------------------------------------
+
+    async def take_slot(self, upstream: str, max_sessions: int) -> str | None | bool:
+        """A slot of ``upstream`` (one of ``max_sessions``): its member name,
+        False if all are taken, None if the store is down."""
+        member = self._member()
+        key = self._key("slots", upstream)
+        args: list[str | int] = [max_sessions, member, int(LEASE_SECONDS * 1000)]
+        answer = await self._call(Op.UPSTREAM_SLOT, lambda: _eval(self._slot, [key], args))
+        if answer is None:
+            return None
+        if not answer:
+            return False
+        self._live.add((key, member))
+        return member
+
+    def give_slot(self, upstream: str, member: str) -> None:
+        self._forget(self._key("slots", upstream), member)
+
+    # -- messages and recipients ----------------------------------------------
+
+    def count(self, kind: str, key: str) -> None:
+        """One more ``kind`` ("message", "recipient") admitted for ``key``
+        here: pushed with the next batch."""
+        slot = (kind, key)
+        self._pending[slot] = self._pending.get(slot, 0) + 1
+        self._wake.set()
+
+    def _fleet(self, kind: str, key: str, total: int) -> None:
+        """The fleet's count of ``kind`` for ``key``, as just read."""
+        others = max(0, total - self._local_counts(kind, key))
+        if others or (kind, key) in self._others:
+            if len(self._others) >= 100_000:
+                self._others.clear()
+            self._others[(kind, key)] = (others, trio.current_time())
+
+    def others(self, kind: str, key: str) -> int:
+        """The other processes' ``kind`` count for ``key`` in the last minute,
+        as last read (0 when the store is down or it is older than that)."""
+        seen = self._others.get((kind, key))
+        if seen is None or not self._up or trio.current_time() - seen[1] > 60.0:
+            return 0
+        return seen[0]
+
+    # -- violations -----------------------------------------------------------
+
+    async def violations(
+        self, key: str, count: int, needed: int, window: float, seconds: float
+    ) -> bool | None:
+        """``count`` violations by ``key``: True if that put it in the penalty
+        box (this process logs it), None if the store is down."""
+        keys = [self._key("violations", key), self._key("penalty", key)]
+        args: list[str | int] = [
+            count,
+            needed,
+            int(window * 1000),
+            int(seconds * 1000),
+            self._member(),
+        ]
+        answer = await self._call(Op.VIOLATIONS, lambda: _eval(self._violations, keys, args))
+        if answer is None:
+            return None
+        return bool(answer)
+
+    # -- the background task ----------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Push counts and releases, renew leases, probe while down: for the
+        process's life."""
+        async with self._client:
+            self._open = True
+            task_status.started()
+            renewed = trio.current_time()
+            try:
+                await self._loop(renewed)
+            finally:
+                self._open = False
+
+    async def _loop(self, renewed: float) -> None:
+        while True:
+            with trio.move_on_after(IDLE_SECONDS):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if not self.up:
+                self._pending.clear()  # counts of an outage stay local (fail open)
+                await self._probe()
+                continue
+            now = trio.current_time()
+            renew = now - renewed >= LEASE_SECONDS / 3
+            if renew:
+                renewed = now
+            if self._pending or self._release or renew:
+                await self._sync(renew)
+            self._synced.set()
+            self._synced = trio.Event()
+
+    async def _probe(self) -> None:
+        if trio.current_time() < self._down_until:
+            await trio.sleep_until(self._down_until)
+        if await self._call(Op.PING, self._client.ping) is None:
+            return
+        self._recovered()
+
+    async def _sync(self, renew: bool) -> None:
+        pending, self._pending = self._pending, {}
+        release, self._release = self._release, []
+        if renew:
+            await self._renew()
+
+        async def batch() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                answers = [
+                    _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
+                    for (kind, key), n in pending.items()
+                ]
+                for set_key, name in release:
+                    pipe.zrem(set_key, [name])
+            return [await a for a in answers]
+
+        totals = await self._call(Op.SYNC, batch)
+        if totals is None:
+            return
+        for (kind, key), total in zip(pending, totals, strict=True):
+            self._fleet(kind, key, int(total))
+
+    async def _renew(self) -> None:
+        """Push every live member's lease end forward."""
+        lease_ms = int(LEASE_SECONDS * 1000)
+        members = list(self._live)
+        if not members:
+            return
+        script = _RENEW
+
+        async def renew() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for set_key, name in members:
+                    pipe.eval(script, keys=[set_key], args=[name, lease_ms])
+
+        await self._call(Op.SYNC, renew)
+
+
+def _eval(
+    script: Script[bytes],
+    keys: list[str],
+    args: list[str | int],
+    client: coredis.client.Client[bytes] | None = None,
+) -> Awaitable[Any]:
+    """Run ``script`` (EVALSHA, loading it once), on ``client`` (a pipeline)
+    or the script's own client."""
+    request: Awaitable[Any] = script(keys=keys, args=args, client=client)
+    return request
+
+
+# KEYS: a sorted set of leases.  ARGV: member, lease ms.
+_RENEW = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+"""
