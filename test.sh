@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install what the tests need, then run them: ./test.sh [pytest args...]
 #
-# - the real peers of the end-to-end tests (Postfix, swaks, Prometheus, HAProxy; podman, runc
+# - the real peers of the end-to-end tests (Postfix, swaks, Prometheus, HAProxy, redis-server; podman, runc
 #   and debootstrap to build and run the container image) from apt, only when one is missing;
 # - Exim 4 and OpenSMTPD beside Postfix, unpacked into /opt/smtpguard-peers (see below), only
 #   when something of theirs is missing;
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 APT_PACKAGES=(postfix swaks prometheus haproxy netcat-openbsd sasl2-bin libsasl2-modules
-    libsasl2-modules-db libnet-ssleay-perl systemd podman runc debootstrap openssl)
+    libsasl2-modules-db libnet-ssleay-perl systemd podman runc debootstrap openssl redis-server)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then

@@ -99,7 +99,7 @@ class StoreSettings:
 
     #: ``redis://host:port/db``, ``rediss://...`` or ``unix:///path``; None: no store.
     redis: str | None = None
-    timeout_seconds: float = 0.25
+    timeout_seconds: float = 0.5
     retry_seconds: float = 2.0
     key_prefix: str = "smtpguard:"
 
@@ -412,7 +412,7 @@ def _store(raw: Mapping[str, Any]) -> StoreSettings:
         )
     return StoreSettings(
         redis=url,
-        timeout_seconds=_number("store.timeout_seconds", store.get("timeout_seconds", 0.25), 0.001),
+        timeout_seconds=_number("store.timeout_seconds", store.get("timeout_seconds", 0.5), 0.001),
         retry_seconds=_number("store.retry_seconds", store.get("retry_seconds", 2), 0.01),
         key_prefix=prefix,
     )

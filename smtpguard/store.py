@@ -183,6 +183,20 @@ class ConnectVerdict:
     member: str
 
 
+class _Request:
+    """A session's script call, waiting in the queue for its batch."""
+
+    __slots__ = ("script", "keys", "args", "done", "answer", "failure")
+
+    def __init__(self, script: Script[bytes], keys: list[str], args: list[str | int]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.done = trio.Event()
+        self.answer: Any = None
+        self.failure: BaseException | None = None
+
+
 class RedisStore:
     """One process's connection to the shared store."""
 
@@ -224,6 +238,9 @@ class RedisStore:
         self._others: dict[tuple[str, str], tuple[int, float]] = {}
         self._wake = trio.Event()
         self._synced = trio.Event()
+        #: Sessions' script calls waiting for the next pipeline.
+        self._queue: list[_Request] = []
+        self._queued = trio.Event()
         #: False until :meth:`run` has opened the client (then calls may go).
         self._open = False
         metrics.store_up.labels("redis").set(1)
@@ -277,10 +294,65 @@ class RedisStore:
                 failure = exc
             else:
                 self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
-                self._recovered()
+                if started >= self._down_until:  # not a call begun before a failure
+                    self._recovered()
                 return result
         self._failed(op, failure)
         return None
+
+    async def _script(
+        self, op: Op, script: Script[bytes], keys: list[str], args: list[str | int]
+    ) -> Any:
+        """One script call for a session, sent in one pipeline with the others
+        queued meanwhile (a burst of connections costs one round trip, not one
+        each); within the timeout.  None: it failed (the store is marked down)."""
+        if not self.up:
+            return None
+        request = _Request(script, keys, args)
+        self._queue.append(request)
+        self._queued.set()
+        started = trio.current_time()
+        with trio.move_on_after(self.settings.timeout_seconds):
+            await request.done.wait()
+        if not request.done.is_set() or request.failure is not None:
+            self._failed(op, request.failure)
+            return None
+        self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
+        if started >= self._down_until:
+            self._recovered()
+        return request.answer
+
+    async def _send_batches(self) -> None:
+        """Send the queued script calls, each batch in one pipeline."""
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+
+            async def send(batch: list[_Request] = batch) -> list[Any]:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pending = [_eval(r.script, r.keys, r.args, pipe) for r in batch]
+                return [await answer for answer in pending]
+
+            failure: BaseException | None = None
+            answers: list[Any] = []
+            with trio.move_on_after(self.settings.timeout_seconds) as scope:
+                try:
+                    answers = await send()
+                except (coredis.exceptions.RedisError, OSError) as exc:
+                    failure = exc
+                except Exception as exc:  # our bug or the client's: still fail open
+                    log.exception("store call failed", extra=fields(op="batch"))
+                    failure = exc
+            if scope.cancelled_caught and failure is None:
+                failure = TimeoutError("store batch timed out")
+            for index, request in enumerate(batch):
+                if failure is None:
+                    request.answer = answers[index]
+                request.failure = failure
+                request.done.set()
 
     def _key(self, kind: str, key: str) -> str:
         return f"{self.settings.key_prefix}{{{key}}}:{kind}"
@@ -298,7 +370,7 @@ class RedisStore:
         names = ("penalty", "connections", "sessions", "message", "recipient")
         keys = [self._key(k, key) for k in names]
         args: list[str | int] = [rate, most, member, int(LEASE_SECONDS * 1000), int(observe)]
-        answer = await self._call(Op.CONNECT, lambda: _eval(self._connect, keys, args))
+        answer = await self._script(Op.CONNECT, self._connect, keys, args)
         if answer is None:
             return None
         verdict = int(answer[0])
@@ -328,7 +400,7 @@ class RedisStore:
         member = self._member()
         key = self._key("slots", upstream)
         args: list[str | int] = [max_sessions, member, int(LEASE_SECONDS * 1000)]
-        answer = await self._call(Op.UPSTREAM_SLOT, lambda: _eval(self._slot, [key], args))
+        answer = await self._script(Op.UPSTREAM_SLOT, self._slot, [key], args)
         if answer is None:
             return None
         if not answer:
@@ -379,7 +451,7 @@ class RedisStore:
             int(seconds * 1000),
             self._member(),
         ]
-        answer = await self._call(Op.VIOLATIONS, lambda: _eval(self._violations, keys, args))
+        answer = await self._script(Op.VIOLATIONS, self._violations, keys, args)
         if answer is None:
             return None
         return bool(answer)
@@ -394,7 +466,9 @@ class RedisStore:
             task_status.started()
             renewed = trio.current_time()
             try:
-                await self._loop(renewed)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_batches)
+                    await self._loop(renewed)
             finally:
                 self._open = False
 
@@ -403,7 +477,7 @@ class RedisStore:
             with trio.move_on_after(IDLE_SECONDS):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if not self.up:
+            if not self._up:
                 self._pending.clear()  # counts of an outage stay local (fail open)
                 await self._probe()
                 continue
@@ -419,9 +493,7 @@ class RedisStore:
     async def _probe(self) -> None:
         if trio.current_time() < self._down_until:
             await trio.sleep_until(self._down_until)
-        if await self._call(Op.PING, self._client.ping) is None:
-            return
-        self._recovered()
+        await self._call(Op.PING, self._client.ping)  # brings it back if it answers
 
     async def _sync(self, renew: bool) -> None:
         pending, self._pending = self._pending, {}

@@ -9,7 +9,11 @@ smtpguard and with each other.
   compose.yaml's references to files of this repository;
 - Kubernetes: kinds, API versions, probes, security context, selectors and ports, and the
   ConfigMap's smtpguard.yaml through smtpguard's validator (``kubectl kustomize`` too where
-  kubectl is installed).
+  kubectl is installed);
+- the shared store: compose's redis service and kubernetes/redis.yaml (health check, probes,
+  security, what reaches them), the store.redis URLs that name them, and their redis-server
+  command lines and probe commands run for real, with the container config's smtpguard
+  using that Redis and failing open when it is gone.
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import os
 import re
 import shlex
 import shutil
+import smtplib
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from smtpguard.config import Config, load
 
@@ -42,6 +50,8 @@ K8S = DEPLOY / "kubernetes"
 CONFIG_PATH = "/etc/smtpguard/smtpguard.yaml"
 SERVE = ["smtpguard", "serve", "--config", CONFIG_PATH]
 METRICS_PORT = 9325
+#: Where redis-server listens unless told ``--port``.
+REDIS_DEFAULT_PORT = 6379
 
 
 def find(program: str) -> str | None:
@@ -394,6 +404,60 @@ def test_compose_wires_smtpguard_postfix_prometheus_and_grafana() -> None:
     assert "2525:2525" in services["smtpguard"]["ports"]
 
 
+def store_url(config: Config) -> SplitResult:
+    assert config.store.redis is not None, "no store.redis: the limits would be per process"
+    url = urlsplit(config.store.redis)
+    assert url.scheme == "redis" and url.hostname, config.store.redis
+    return url
+
+
+def redis_port(argv: list[str]) -> int:
+    """The port a redis-server command line listens on."""
+    assert Path(argv[0]).name == "redis-server", argv
+    return int(argv[argv.index("--port") + 1]) if "--port" in argv else REDIS_DEFAULT_PORT
+
+
+def compose_redis_argv() -> list[str]:
+    command = load_yaml(COMPOSE)["services"]["redis"]["command"]
+    return list(command) if isinstance(command, list) else shlex.split(command)
+
+
+def compose_healthcheck_argv() -> list[str]:
+    test = load_yaml(COMPOSE)["services"]["redis"]["healthcheck"]["test"]
+    if isinstance(test, str):
+        return shlex.split(test)
+    if test[0] == "CMD-SHELL":
+        return shlex.split(test[1])
+    assert test[0] == "CMD", test
+    return list(test[1:])
+
+
+def test_compose_runs_redis_for_smtpguards_store() -> None:
+    services = load_yaml(COMPOSE)["services"]
+    redis = services["redis"]
+    assert redis["image"].startswith("redis:7"), redis["image"]
+    # Only the stack's network reaches it: it has no password.
+    assert "ports" not in redis and "network_mode" not in redis
+    assert compose_healthcheck_argv() == ["redis-cli", "ping"]
+    assert redis["healthcheck"]["interval"] and redis["healthcheck"]["retries"] >= 1
+    # smtpguard starts once Redis answers (it would fail open before that).
+    assert services["smtpguard"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    # Hardened like smtpguard: no root, no capabilities, read-only with /data in memory.
+    user = str(redis["user"]).split(":")[0]
+    assert user.isdigit() and int(user) != 0, redis["user"]
+    assert redis["read_only"] is True and "/data" in redis["tmpfs"]
+    assert redis["cap_drop"] == ["ALL"] and "cap_add" not in redis
+    assert "no-new-privileges:true" in redis["security_opt"]
+    # The config smtpguard gets points at this service.
+    url = store_url(load(load_yaml(CONTAINER_CONFIG)))
+    assert url.hostname == "redis" and url.hostname in services
+    assert (url.port or REDIS_DEFAULT_PORT) == redis_port(compose_redis_argv())
+    # The same Redis in compose and Kubernetes.
+    [container] = redis_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    assert compose_redis_argv() == container["args"]
+    assert redis["image"] == container["image"]
+
+
 # --------------------------------------------------------------------------- Kubernetes
 
 
@@ -406,8 +470,26 @@ KINDS = {
 }
 
 
+#: redis.yaml: the shared store, and what lets smtpguard (only) reach it.
+REDIS_YAML = "redis.yaml"
+REDIS_KINDS = (
+    ("apps/v1", "Deployment"),
+    ("v1", "Service"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
+
+
+def k8s_documents(name: str) -> list[Any]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d is not None]
+
+
 def k8s(name: str) -> Any:
-    [document] = list(yaml.safe_load_all((K8S / name).read_text()))
+    [document] = k8s_documents(name)
+    return document
+
+
+def redis_object(kind: str) -> Any:
+    [document] = [d for d in k8s_documents(REDIS_YAML) if d["kind"] == kind]
     return document
 
 
@@ -424,11 +506,16 @@ def test_kubernetes_objects_have_their_kinds_and_the_kustomization_lists_them() 
         document = k8s(name)
         assert (document["apiVersion"], document["kind"]) == (api_version, kind), name
         assert document["metadata"]["name"] == "smtpguard"
+    redis = k8s_documents(REDIS_YAML)
+    assert [(d["apiVersion"], d["kind"]) for d in redis] == list(REDIS_KINDS)
+    assert {d["metadata"]["name"] for d in redis} == {"smtpguard-redis"}
     kustomization = k8s("kustomization.yaml")
     assert kustomization["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
     assert kustomization["kind"] == "Kustomization"
-    assert sorted(kustomization["resources"]) == sorted(KINDS)
-    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*KINDS, "kustomization.yaml"])
+    assert sorted(kustomization["resources"]) == sorted([*KINDS, REDIS_YAML])
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted(
+        [*KINDS, REDIS_YAML, "kustomization.yaml"]
+    )
 
 
 #: Kubernetes releases the manifests must be valid for (strict: no unknown fields).
@@ -446,6 +533,12 @@ def test_kubernetes_objects_pass_the_api_schemas(version: str) -> None:
         if kind == "ServiceMonitor":
             continue
         kubernetes_validate.validate(k8s(name), version, strict=True)
+    for document in k8s_documents(REDIS_YAML):
+        kubernetes_validate.validate(document, version, strict=True)
+    broken = redis_object("NetworkPolicy")
+    broken["spec"]["ingress"][0]["from"][0]["podSelectors"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
     # The validator is live: a misspelt field and a wrong type are refused.
     broken = k8s("deployment.yaml")
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
@@ -522,7 +615,8 @@ def test_kubectl_kustomize_builds_the_objects() -> None:
     kubectl = find("kubectl")
     if kubectl is None:
         # No kubectl here: the objects as listed, parsed by hand.
-        documents = [k8s(name) for name in k8s("kustomization.yaml")["resources"]]
+        resources = k8s("kustomization.yaml")["resources"]
+        documents = [d for name in resources for d in k8s_documents(name)]
     else:
         result = subprocess.run(
             [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
@@ -530,7 +624,224 @@ def test_kubectl_kustomize_builds_the_objects() -> None:
         assert result.returncode == 0, result.stderr
         documents = list(yaml.safe_load_all(result.stdout))
     built = sorted((d["apiVersion"], d["kind"]) for d in documents)
-    assert built == sorted(KINDS.values())
+    assert built == sorted([*KINDS.values(), *REDIS_KINDS])
+    # kustomize's images: keep Redis the image compose runs.
+    [redis] = [
+        d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] != "smtpguard"
+    ]
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == load_yaml(COMPOSE)["services"]["redis"]["image"]
+
+
+def test_kubernetes_configmap_points_the_store_at_the_redis_service() -> None:
+    url = store_url(configmap_config())
+    service = redis_object("Service")
+    assert url.hostname == service["metadata"]["name"]
+    ports = {p["port"]: p for p in service["spec"]["ports"]}
+    port = ports[url.port or REDIS_DEFAULT_PORT]
+    [container] = redis_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    [listening] = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert listening["containerPort"] == redis_port(container["args"])
+
+
+#: Binary units of Kubernetes quantities and of Redis sizes (Redis' "mb" is 1024 * 1024).
+MEMORY_UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes quantity (``256Mi``) or a Redis size (``192mb``) in bytes."""
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity)
+    assert match is not None and match.group(2) in MEMORY_UNITS, quantity
+    return int(match.group(1)) * MEMORY_UNITS[match.group(2)]
+
+
+def test_kubernetes_redis_probes_resources_and_security() -> None:
+    deployment = redis_object("Deployment")
+    spec = deployment["spec"]
+    # One Redis, never two behind the Service at once (each would be a store of its own).
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert matches(spec["selector"]["matchLabels"], pod_labels)
+    assert matches(redis_object("Service")["spec"]["selector"], pod_labels)
+    # smtpguard's Service, PDB and ServiceMonitor leave Redis alone.
+    smtpguard_labels = k8s("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    assert not matches(k8s("service.yaml")["spec"]["selector"], pod_labels)
+    assert not matches(k8s("pdb.yaml")["spec"]["selector"]["matchLabels"], pod_labels)
+    monitor = k8s("servicemonitor.yaml")["spec"]["selector"]["matchLabels"]
+    assert not matches(monitor, redis_object("Service")["metadata"]["labels"])
+    pod = spec["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["redis-cli", "ping"], probe
+        assert container[probe]["timeoutSeconds"] >= 1, probe
+    resources = container["resources"]
+    assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
+    # Redis evicts before the kernel kills it.
+    args = container["args"]
+    maxmemory = memory_bytes(args[args.index("--maxmemory") + 1])
+    assert maxmemory < memory_bytes(resources["limits"]["memory"])
+    pod_security = pod["securityContext"]
+    assert pod_security["runAsNonRoot"] is True and int(pod_security["runAsUser"]) != 0
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["runAsNonRoot"] is True
+    assert security["capabilities"]["drop"] == ["ALL"] and "add" not in security["capabilities"]
+    # The working directory is writable in spite of the read-only root.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/data"]]
+    # Only smtpguard's pods may connect, on the Redis port.
+    policy = redis_object("NetworkPolicy")["spec"]
+    assert matches(policy["podSelector"]["matchLabels"], pod_labels)
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    [source] = rule["from"]
+    assert matches(source["podSelector"]["matchLabels"], smtpguard_labels)
+    assert not matches(source["podSelector"]["matchLabels"], pod_labels)
+    assert [p["port"] for p in rule["ports"]] == [p["name"] for p in container["ports"]]
+
+
+# --------------------------------------------------------------------------- the shared store
+
+
+class RedisServer:
+    """A deploy file's redis-server command line, run on a free loopback port in ``directory``."""
+
+    def __init__(self, argv: list[str], directory: Path) -> None:
+        binary = find("redis-server")
+        assert binary, (
+            "redis-server is not installed: apt-get install -y redis-server (test.sh does)"
+        )
+        assert Path(argv[0]).name == "redis-server", argv
+        self.port = free_port()
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory)]
+        self.proc = subprocess.Popen(
+            [binary, *argv[1:], *where], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """A redis-cli command line (a probe, a health check) aimed at this server."""
+        assert argv[0] == "redis-cli", argv
+        return subprocess.run(
+            [argv[0], "-p", str(self.port), *argv[1:]], capture_output=True, text=True, timeout=30
+        )
+
+    def cli(self, *args: str) -> list[str]:
+        done = self.run(["redis-cli", *args])
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    def wait(self, probe: list[str]) -> None:
+        deadline = time.monotonic() + 15
+        while (done := self.run(probe)).stdout.strip() != "PONG" or done.returncode != 0:
+            assert self.proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM, as docker stop and the kubelet send
+        self.proc.wait(30)
+
+
+def redis_commands(where: str) -> tuple[list[str], list[list[str]]]:
+    """redis-server's command line and the commands that check it, in compose or Kubernetes."""
+    if where == "compose":
+        return compose_redis_argv(), [compose_healthcheck_argv()]
+    [container] = redis_object("Deployment")["spec"]["template"]["spec"]["containers"]
+    probes = [container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe")]
+    return container["args"], probes
+
+
+@pytest.mark.parametrize("where", ["compose", "kubernetes"])
+def test_redis_command_line_keeps_nothing_and_its_probes_see_it(where: str, tmp_path: Path) -> None:
+    argv, probes = redis_commands(where)
+    redis = RedisServer(argv, tmp_path)
+    try:
+        for probe in probes:
+            redis.wait(probe)
+        assert redis.cli("CONFIG", "GET", "save") == ["save", ""]
+        assert redis.cli("CONFIG", "GET", "appendonly") == ["appendonly", "no"]
+        maxmemory = memory_bytes(argv[argv.index("--maxmemory") + 1])
+        assert redis.cli("CONFIG", "GET", "maxmemory") == ["maxmemory", str(maxmemory)]
+        assert redis.cli("SET", "smtpguard:test", "1") == ["OK"]
+    finally:
+        redis.stop()
+    # Nothing written to /data, not even at shutdown: the read-only root file system holds.
+    assert list(tmp_path.iterdir()) == []
+    for probe in probes:
+        assert redis.run(probe).returncode != 0, f"{probe} passes with Redis gone"
+
+
+def metric(port: int, name: str, **labels: str) -> float | None:
+    """One sample from smtpguard's /metrics (None: no such series)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def send_mail(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        assert smtp.sendmail("a@example.org", ["b@example.org"], b"Subject: t\r\n\r\nt\r\n") == {}
+
+
+def test_container_config_shares_limits_through_redis_and_fails_open_without_it(
+    tmp_path: Path,
+) -> None:
+    """The container config's store section against compose's Redis command line (its host
+    and port moved to loopback): smtpguard's calls reach it; once it is gone mail still flows
+    and smtpguard_store_up says 0, as the config's comment promises."""
+    redis = RedisServer(compose_redis_argv(), tmp_path)
+    config = load_yaml(CONTAINER_CONFIG)
+    url = urlsplit(config["store"]["redis"])
+    config["store"]["redis"] = url._replace(netloc=f"127.0.0.1:{redis.port}").geturl()
+    smtp_port, metrics_port = free_port(), free_port()
+    config["listen"] = [f"127.0.0.1:{smtp_port}"]
+    config["metrics"]["listen"] = f"127.0.0.1:{metrics_port}"
+    del config["upstream"]  # the embedded sink instead of Postfix
+    config["sink"] = {"directory": str(tmp_path / "mail")}
+    config["workers"] = 1
+    path = tmp_path / "smtpguard.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = None
+    try:
+        redis.wait(compose_healthcheck_argv())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpguard", "serve", "--config", str(path)],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                send_mail(smtp_port)
+                break
+            except OSError:
+                assert proc.poll() is None, "smtpguard exited"
+                assert time.monotonic() < deadline, "smtpguard did not start"
+                time.sleep(0.1)
+        calls = metric(metrics_port, "smtpguard_store_call_seconds_count", op="connect")
+        assert calls is not None and calls >= 1
+        assert metric(metrics_port, "smtpguard_store_errors_total", op="connect") == 0
+        assert metric(metrics_port, "smtpguard_store_up", store="redis") == 1
+        redis.stop()
+        send_mail(smtp_port)  # fail open
+        assert metric(metrics_port, "smtpguard_store_up", store="redis") == 0
+        errors = metric(metrics_port, "smtpguard_store_errors_total", op="connect")
+        assert errors is not None and errors >= 1
+    finally:
+        redis.stop()
+        if proc is not None:
+            proc.terminate()
+            assert proc.wait(30) == 0
 
 
 # --------------------------------------------------------------------------- docs

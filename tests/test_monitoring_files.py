@@ -51,6 +51,9 @@ REQUIRED_PANELS = (
     "TLS handshake failures by reason",
     "Upstream saturation",
     "Client rates and penalty box",
+    "Shared store up",
+    "Shared store errors by op",
+    "Shared store call latency p99 by op",
 )
 REQUIRED_ALERTS = {
     "SMTPGuardViolationSpike",
@@ -60,6 +63,7 @@ REQUIRED_ALERTS = {
     "SMTPGuardUpstreamFailover",
     "SMTPGuardWorkerRestarts",
     "SMTPGuardUpstreamSaturated",
+    "SMTPGuardStoreDown",
 }
 #: Series that are not smtpguard's but that alert rules may read.
 PROMETHEUS_SERIES = {"up"}
@@ -184,6 +188,54 @@ def test_required_panels_exist() -> None:
     for panel in panels:
         assert panel["type"] in {"timeseries", "stat"}, panel["title"]
         assert panel.get("targets"), f"{panel['title']} has no query"
+
+
+def test_dashboard_layout_has_unique_ids_and_no_overlapping_panels() -> None:
+    """Rows included: Grafana places a panel that overlaps another elsewhere."""
+    dashboard = load_dashboard()
+    panels = [
+        *dashboard["panels"],
+        *(p for row in dashboard["panels"] for p in row.get("panels", [])),
+    ]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(ids)}"
+    taken: dict[tuple[int, int], str] = {}
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                other = taken.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']!r} overlaps {other!r}"
+
+
+def test_shared_store_row_shows_state_errors_and_latency_by_op() -> None:
+    top = load_dashboard()["panels"]
+    [row] = [panel for panel in top if panel["title"] == "Shared store"]
+    assert row["type"] == "row"
+    # Grafana puts a panel under the row above it (by position, not by list order).
+    under = {
+        panel["title"]
+        for panel in top
+        if panel["gridPos"]["y"] == row["gridPos"]["y"] + row["gridPos"]["h"]
+    }
+    assert under == {
+        "Shared store up",
+        "Shared store errors by op",
+        "Shared store call latency p99 by op",
+    }
+    exprs = {
+        panel["title"]: [target["expr"] for target in panel["targets"]]
+        for panel in dashboard_panels()
+    }
+    [up] = exprs["Shared store up"]
+    assert metric_names(up) == {"smtpguard_store_up"}
+    [errors] = exprs["Shared store errors by op"]
+    assert metric_names(errors) == {"smtpguard_store_errors_total"}
+    assert "sum by (op) (rate(" in errors
+    [latency] = exprs["Shared store call latency p99 by op"]
+    assert metric_names(latency) == {"smtpguard_store_call_seconds_bucket"}
+    assert latency.startswith("histogram_quantile(0.99, sum by (op, le) (rate(")
 
 
 def test_every_panel_and_target_uses_the_datasource_variable() -> None:
