@@ -889,6 +889,8 @@ class Proxy:
 
     def reload(self, config: Config) -> None:
         """Use ``config`` for new sessions; sessions in flight keep theirs."""
+        if config.store != self.config.store:
+            log.warning("store unchanged: a new store section needs a restart", extra=fields())
         self.config = config
         self._tls_context = server_context(config.tls) if config.tls else None
         self._upstream_tls_context = upstream_context(

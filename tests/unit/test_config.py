@@ -215,3 +215,30 @@ def test_workers_share_one_ticket_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(tlsctx.TICKET_KEYS_ENV)
     made = tlsctx.ticket_keys()
     assert len(made) == 80 and made != shared and tlsctx.ticket_keys() == made
+
+
+def test_the_store_section_defaults_to_no_store() -> None:
+    store = load({}).store
+    assert store.redis is None
+    assert (store.timeout_seconds, store.retry_seconds, store.key_prefix) == (0.5, 2, "smtpguard:")
+    loaded = load({"store": {"redis": "redis://10.0.0.5:6380/2", "timeout_seconds": 0.1}}).store
+    assert loaded.redis == "redis://10.0.0.5:6380/2"
+    assert loaded.timeout_seconds == 0.1
+
+
+@pytest.mark.parametrize(
+    ("store", "key", "problem"),
+    [
+        ({"redis": "http://cache:6379"}, "store.redis", "redis://"),
+        ({"redis": 6379}, "store.redis", "URL"),
+        ({"timeout_seconds": 0}, "store.timeout_seconds", "at least"),
+        ({"retry_seconds": "soon"}, "store.retry_seconds", "number"),
+        ({"key_prefix": "a{b}"}, "store.key_prefix", "braces"),
+        ({"sentinel": "x"}, "store.sentinel", "unknown key"),
+    ],
+)
+def test_a_bad_store_section_names_the_key(store: dict[str, object], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load({"store": store})
+    assert err.value.key == key
+    assert problem in str(err.value)
