@@ -548,7 +548,21 @@ limits:
   # cap (50 by default, like Postfix) for the idle-connection test.
   max_connections: 100000
   max_connections_per_client: 100000
-{workers}"""
+{workers}{store}"""
+
+#: With --redis: the shared store, and limits high enough never to refuse a
+#: bench client but present, so that every check of the store runs (the
+#: connect script, an upstream slot, message and recipient counts).
+STORE_CFG = """\
+store:
+  redis: redis://{host}:{redis_port}/0
+rates:
+  connections_per_minute: 10000000
+  messages_per_minute: 10000000
+  recipients_per_minute: 10000000
+upstream_limits:
+  max_sessions: 100000
+"""
 
 
 @dataclass
@@ -563,7 +577,18 @@ class Setup:
     haproxy_pid: int
 
 
-def start_all(children: Children, tmp: Path, idle: int) -> Setup:
+def start_redis(children: Children, tmp: Path) -> tuple[int, int]:
+    """A private redis-server (no persistence): its port and pid."""
+    if shutil.which("redis-server") is None:
+        raise BenchError("redis-server not found (apt-get install redis-server)")
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", HOST, "--save", "", "--appendonly"]
+    redis = children.start("redis", [*argv, "no"], tmp / "redis.out", tmp / "redis.err")
+    wait_for_port(port, children, "redis")
+    return port, redis.pid
+
+
+def start_all(children: Children, tmp: Path, idle: int, redis_port: int | None = None) -> Setup:
     for tool in (SMTP_SINK, SMTP_SOURCE):
         if not os.access(tool, os.X_OK):
             raise BenchError(f"{tool} not found (install postfix)")
@@ -599,6 +624,7 @@ def start_all(children: Children, tmp: Path, idle: int) -> Setup:
             sink_port=sink_port,
             metrics_port=metrics_port,
             workers="" if WORKERS is None else f"workers: {WORKERS}\n",
+            store="" if redis_port is None else STORE_CFG.format(host=HOST, redis_port=redis_port),
         )
     )
     guard = children.start(
@@ -818,7 +844,13 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         "haproxy": min(args.idle, haproxy_maxconn() - 100),
     }
     idle_count = max(idle_counts.values())
-    setup = start_all(children, tmp, idle_count)
+    redis_port: int | None = None
+    redis_pid: int | None = None
+    redis_cpu_start = 0.0
+    if args.redis:
+        redis_port, redis_pid = start_redis(children, tmp)
+        redis_cpu_start = cpu_seconds(redis_pid)
+    setup = start_all(children, tmp, idle_count, redis_port)
     sink = setup.sink
     ports = {"haproxy": setup.haproxy_port, "smtpguard": setup.smtpguard_port}
     pids = {"haproxy": setup.haproxy_pid, "smtpguard": setup.smtpguard_pid}
@@ -968,6 +1000,13 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         ):
             warnings.append(f"smtpguard metric {name} = {value:g}")
 
+    if redis_pid is not None:
+        # Redis's own CPU over the whole run (every path's messages; only
+        # smtpguard's touch it).
+        extra["redis_cpu_seconds"] = round(cpu_seconds(redis_pid) - redis_cpu_start, 3)
+        extra["redis_cpu_us_per_smtpguard_message"] = round(
+            extra["redis_cpu_seconds"] * 1e6 / max(1, sent["smtpguard"]), 1
+        )
     extra["smtpguard_metrics"] = metrics
     extra["messages_sent"] = sent
     extra["warnings"] = warnings
@@ -978,11 +1017,16 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     mode = "quick" if args.quick else "full"
+    store_text = "none"
+    if args.redis:
+        per_message = extra["redis_cpu_us_per_smtpguard_message"]
+        store_text = f"Redis ({per_message} us of Redis CPU per smtpguard message)"
     header = (
         f"# smtpguard vs HAProxy (mode tcp) -> smtp-sink, {mode} run {stamp}\n\n"
         f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{tool_version(['haproxy', '-v'])}\n\n"
         f"smtpguard workers: {WORKERS if WORKERS is not None else 'default (one per core)'}; "
+        f"shared store: {store_text}; "
         f"its CPU and memory are summed over its processes (supervisor and workers).\n\n"
     )
     table = markdown(results, extra)
@@ -1039,6 +1083,11 @@ def main(argv: list[str] | None = None) -> int:
         "--trio-relay",
         action="store_true",
         help="also run bench/trio_relay.py (a trio relay that parses nothing) in every pair",
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="give smtpguard a shared store (a private redis-server) and limits that use it",
     )
     parser.add_argument(
         "--workers",

@@ -14,10 +14,11 @@ and writes the same Redis, so the limits hold for the fleet:
   of this process comes free, and every ``SLOT_POLL_SECONDS`` otherwise.
 - **Messages and recipients** are never looked up on the command path: each
   process counts its own (clientrates.py) and a background task pushes the
-  new counts and reads the fleet's totals in one pipelined call per batch;
-  a session's ``admit`` adds the other processes' counts as last read.  So a
+  new counts and reads the fleet's totals in one pipelined call per batch
+  (at most every ``SYNC_SECONDS``); the connect script reads them too.  A
+  session's ``admit`` adds the other processes' counts as last read.  So a
   fleet-wide message or recipient rate can be exceeded by what the other
-  processes admitted within one batch (milliseconds).
+  processes admitted since this one last synchronised (about 0.1 s).
 - **Violations** are pushed at a session's end; the push that fills the
   window puts the key in the penalty box (``SET ... NX``), and only that
   process logs it: once per period for the whole fleet.
@@ -69,6 +70,10 @@ LEASE_SECONDS = 300.0
 SLOT_POLL_SECONDS = 0.05
 #: The background task's longest sleep when it has nothing to push.
 IDLE_SECONDS = 1.0
+#: Message and recipient counts are pushed at most this often (releases at once).
+SYNC_SECONDS = 0.1
+#: While idle, the store is pinged this often (so that ``store_up`` is true).
+PING_SECONDS = 5.0
 
 T = TypeVar("T")
 
@@ -228,7 +233,7 @@ class RedisStore:
         self.process = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns() % 10**6}"
         self._numbers = itertools.count(1)
         self._down_until = -math.inf
-        self._up = True
+        self._up = True  # sessions may try it; the gauge waits for an answer
         #: Live members to renew, and members to release at the next batch.
         self._live: set[tuple[str, str]] = set()  # (sorted set, member)
         self._release: list[tuple[str, str]] = []
@@ -237,13 +242,14 @@ class RedisStore:
         #: The other processes' counts as last read: (kind, key) -> (count, when).
         self._others: dict[tuple[str, str], tuple[int, float]] = {}
         self._wake = trio.Event()
+        self._urgent = trio.Event()  # a release: sync without waiting for the batch
         self._synced = trio.Event()
         #: Sessions' script calls waiting for the next pipeline.
         self._queue: list[_Request] = []
         self._queued = trio.Event()
         #: False until :meth:`run` has opened the client (then calls may go).
         self._open = False
-        metrics.store_up.labels("redis").set(1)
+        metrics.store_up.labels("redis").set(0)  # until it first answers
 
     # -- state ---------------------------------------------------------------
 
@@ -391,6 +397,7 @@ class RedisStore:
             self._live.discard((set_key, name))
             self._release.append((set_key, name))
             self._wake.set()
+            self._urgent.set()
 
     # -- upstream slots ------------------------------------------------------
 
@@ -473,6 +480,9 @@ class RedisStore:
                 self._open = False
 
     async def _loop(self, renewed: float) -> None:
+        synced = -math.inf
+        contacted = trio.current_time()
+        await self._call(Op.PING, self._client.ping)  # smtpguard_store_up from the start
         while True:
             with trio.move_on_after(IDLE_SECONDS):
                 await self._wake.wait()
@@ -482,11 +492,22 @@ class RedisStore:
                 await self._probe()
                 continue
             now = trio.current_time()
+            if self._pending and not self._release and now - synced < SYNC_SECONDS:
+                # Counts wait for the next batch (a release cuts the wait short).
+                with trio.move_on_at(synced + SYNC_SECONDS):
+                    await self._urgent.wait()
+                now = trio.current_time()
+            self._urgent = trio.Event()
             renew = now - renewed >= LEASE_SECONDS / 3
             if renew:
                 renewed = now
             if self._pending or self._release or renew:
+                synced = contacted = now
                 await self._sync(renew)
+            elif now - contacted >= PING_SECONDS:
+                # Idle: make sure smtpguard_store_up still tells the truth.
+                contacted = now
+                await self._call(Op.PING, self._client.ping)
             self._synced.set()
             self._synced = trio.Event()
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from guard import Guard, RawClient
 from peers import Postfix, Prometheus
+from support.redis import RedisServer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from monitoring import alert_expressions, dashboard_expressions, metric_names  # noqa: E402
@@ -41,12 +42,15 @@ COMMITTED = [
 def observed(
     postfix: Postfix,
 ) -> Iterator[tuple[Guard, Postfix, Callable[..., Prometheus]]]:
+    # With a shared store, so that its series (smtpguard_store_*) exist too.
+    redis = RedisServer()
     guard = Guard(
         f"{postfix.host}:{postfix.port}",
         annotate={"mode": "violations", "header": "X-SMTPGuard"},
         log={"format": "json"},
+        store={"redis": redis.url},
     )
-    with guard:
+    with redis, guard:
         prometheus = Prometheus([f"127.0.0.1:{guard.metrics_port}"], rule_files=[ALERTS])
         prometheus.start()
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -237,7 +238,7 @@ def test_the_store_section_defaults_to_no_store() -> None:
         ({"sentinel": "x"}, "store.sentinel", "unknown key"),
     ],
 )
-def test_a_bad_store_section_names_the_key(store: dict[str, object], key: str, problem: str) -> None:
+def test_a_bad_store_section_names_the_key(store: dict[str, Any], key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as err:
         load({"store": store})
     assert err.value.key == key
