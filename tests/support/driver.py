@@ -6,7 +6,7 @@ on memory streams, with a :class:`~upstream.ScriptedUpstream` behind it).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -18,7 +18,9 @@ from support.upstream import ScriptedUpstream
 from smtpguard.config import load
 from smtpguard.metrics import Metrics
 from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.policy import Defence
 from smtpguard.protocol.rules import Phase
+from smtpguard.protocol.session import PolicyAction
 from smtpguard.proxy import Proxy
 
 # ---------------------------------------------------------------- the core
@@ -212,3 +214,8 @@ async def session(
             yield h
             await h.handled.wait()
         nursery.cancel_scope.cancel()
+
+
+def policy_actions(events: Iterable[object], defence: Defence) -> list[PolicyAction]:
+    """The PolicyAction events of ``defence`` among ``events``."""
+    return [e for e in events if isinstance(e, PolicyAction) and e.defence is defence]

@@ -6,13 +6,12 @@ import json
 import logging
 
 from prometheus_client import CollectorRegistry
+from support.ehlo import EHLO_MINIMAL
 
 from smtpguard.logs import JsonFormatter, LogfmtFormatter, fields
 from smtpguard.metrics import Metrics
 from smtpguard.protocol import Session, SessionOptions
 from smtpguard.summary import SessionSummary
-
-EHLO = b"250-up\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250 CHUNKING\r\n"
 
 
 def drive(script: list[tuple[str, bytes]], **options: object) -> tuple[Session, list[object]]:
@@ -55,7 +54,7 @@ def test_every_decision_moves_its_series() -> None:
         [
             ("u", b"220 up\r\n"),
             ("c", b"EHLO c\r\n"),
-            ("u", EHLO),
+            ("u", EHLO_MINIMAL),
             ("c", b"RCPT TO:<a@b>\r\nFOO\r\nHELP\r\nMAIL FROM:<a@b>\r\n"),
             ("u", b"250 ok\r\n"),
             ("c", b"RCPT TO:<c@d>\r\n"),
@@ -98,7 +97,7 @@ def test_batched_counters_are_never_missed_by_a_scrape() -> None:
     """Per-command counters are batched; a collection flushes the batch first."""
     registry = CollectorRegistry()
     m = Metrics(registry)
-    _, events = drive([("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO)])
+    _, events = drive([("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO_MINIMAL)])
     m.observe(events)  # type: ignore[arg-type]
     m.relayed_bytes("client_to_upstream", 7)
     assert m._pending  # batched, not yet in prometheus-client's values
@@ -185,7 +184,7 @@ def test_summary_counts_like_postfix() -> None:
         [
             ("u", b"220 up\r\n"),
             ("c", b"EHLO c\r\n"),
-            ("u", EHLO),
+            ("u", EHLO_MINIMAL),
             ("c", b"MAIL FROM:<a@b>\r\n"),
             ("u", b"250 ok\r\n"),
             ("c", b"RCPT TO:<x@y>\r\nRCPT TO:<z@y>\r\n"),
@@ -236,7 +235,12 @@ def _transaction(session: Session, data_cmd: bytes) -> None:
 
 def test_annotation_header_on_data_only_with_violations() -> None:
     s, _ = drive(
-        [("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO), ("c", b"RCPT TO:<a@b>\r\n")],
+        [
+            ("u", b"220 up\r\n"),
+            ("c", b"EHLO c\r\n"),
+            ("u", EHLO_MINIMAL),
+            ("c", b"RCPT TO:<a@b>\r\n"),
+        ],
         annotate="violations",
         hostname="g.test",
     )
@@ -248,7 +252,7 @@ def test_annotation_header_on_data_only_with_violations() -> None:
         b"Subject: x\r\n\r\nbody\r\n.\r\n"
     )
     clean, _ = drive(
-        [("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO)], annotate="violations"
+        [("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO_MINIMAL)], annotate="violations"
     )
     _transaction(clean, b"DATA\r\n")
     clean.receive_upstream(b"354 go\r\n")
@@ -258,7 +262,7 @@ def test_annotation_header_on_data_only_with_violations() -> None:
 
 def test_annotation_header_on_bdat_adjusts_the_first_chunk_size() -> None:
     s, _ = drive(
-        [("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO)],
+        [("u", b"220 up\r\n"), ("c", b"EHLO c\r\n"), ("u", EHLO_MINIMAL)],
         annotate="always",
         annotate_header="X-Guard",
         hostname="g",
