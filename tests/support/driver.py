@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 import trio.testing
@@ -156,11 +156,6 @@ class Harness:
     upstream: ScriptedUpstream
     registry: CollectorRegistry
     handled: trio.Event
-    nursery: trio.Nursery
-    replies: Replies = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.replies = Replies(self.client)
 
     def value(self, name: str, **labels: str) -> float:
         return value(self.registry, name, **labels)
@@ -196,7 +191,7 @@ async def open_session(
             handled.set()
 
     nursery.start_soon(handle)
-    return Harness(client, upstream, registry, handled, nursery)
+    return Harness(client, upstream, registry, handled)
 
 
 @contextlib.asynccontextmanager

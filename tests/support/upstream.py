@@ -269,7 +269,7 @@ class Conversation:
             try:
                 size = int(line.split(b" ")[1])
             except (IndexError, ValueError):
-                self.reply(b"BDAT-SYNTAX", b"501 5.5.4 Syntax: BDAT count [LAST]")
+                self.out += b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
                 return
             self.framing.expect_chunk(line, size)
             return
