@@ -15,8 +15,9 @@ import trio
 from . import __version__, logs
 from .config import Address, Config, ConfigError, load, load_file, parse_address
 from .logs import fields
-from .metrics import Metrics, serve_http
+from .metrics import Metrics
 from .proxy import Proxy
+from .service import notify, start_embedded_sink, start_metrics_endpoint, upstream_reachable
 from .workers import (
     LISTEN_FDS_ENV,
     RESTARTED_ENV,
@@ -40,17 +41,6 @@ def _load(path: str | None) -> Config:
     return load_file(path) if path else load({})
 
 
-async def _upstream_reachable(address: Address) -> bool:
-    with trio.move_on_after(2):
-        try:
-            stream = await trio.open_tcp_stream(address.host, address.port)
-        except OSError:
-            return False
-        await trio.aclose_forcefully(stream)
-        return True
-    return False
-
-
 async def serve(config: Config, path: str | None = None) -> None:
     """Run smtpguard until SIGINT/SIGTERM; SIGHUP reloads ``path``.
 
@@ -71,6 +61,15 @@ async def serve(config: Config, path: str | None = None) -> None:
         metrics.flush()  # a worker's last increments reach its metrics file
 
 
+async def _upstream(config: Config, nursery: trio.Nursery) -> Address:
+    """The configured upstream, the supervisor's embedded sink, or one of our own."""
+    if config.upstream is not None:
+        return config.upstream
+    if os.environ.get(UPSTREAM_ENV):
+        return parse_address(UPSTREAM_ENV, os.environ[UPSTREAM_ENV])
+    return await start_embedded_sink(nursery, config)
+
+
 async def _serve(
     config: Config,
     path: str | None,
@@ -78,20 +77,8 @@ async def _serve(
     metrics: Metrics,
     signals: AsyncIterator[int],
 ) -> None:
-    from .sink import serve_sink
-
     async with trio.open_nursery() as nursery:
-        upstream = config.upstream
-        if upstream is None and os.environ.get(UPSTREAM_ENV):
-            upstream = parse_address(UPSTREAM_ENV, os.environ[UPSTREAM_ENV])
-        if upstream is None:
-            host, port = await nursery.start(serve_sink, config.sink_directory, "127.0.0.1", 0)
-            upstream = Address(host, port)
-            log.info(
-                "embedded sink",
-                extra=fields(upstream=str(upstream), directory=str(config.sink_directory)),
-            )
-            print(f"smtpguard: messages will be stored in {config.sink_directory}", flush=True)
+        upstream = await _upstream(config, nursery)
         if worker is not None:
             nursery.start_soon(metrics.flush_every, WORKER_FLUSH_SECONDS)
             nursery.start_soon(watch_supervisor)
@@ -103,16 +90,10 @@ async def _serve(
             shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             print(f"smtpguard: listening on {shown}, relaying to {upstream}", flush=True)
         if config.metrics_listen is not None and worker is None:
-            address = config.metrics_listen
-            port = await nursery.start(
-                serve_http,
-                metrics,
-                address.host,
-                address.port,
-                lambda: _upstream_reachable(upstream),
+            await start_metrics_endpoint(
+                nursery, metrics, config.metrics_listen, lambda: upstream_reachable(upstream)
             )
-            print(f"smtpguard: metrics on http://{Address(address.host, port)}/metrics", flush=True)
-        _notify(b"READY=1")
+        notify(b"READY=1")
         async for signum in signals:
             if signum == signal.SIGHUP:
                 _reload(proxy, metrics, config, path)
@@ -124,25 +105,11 @@ async def _serve(
                     grace_seconds=config.shutdown_grace_seconds,
                 ),
             )
-            _notify(b"STOPPING=1")
+            notify(b"STOPPING=1")
             with trio.move_on_after(config.shutdown_grace_seconds + 15):
                 await proxy.stop(config.shutdown_grace_seconds)
             nursery.cancel_scope.cancel()
             break
-
-
-def _notify(message: bytes) -> None:
-    """systemd's notify protocol (Type=notify): one datagram to $NOTIFY_SOCKET."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message, path)
-    except OSError as exc:
-        log.warning("sd_notify failed", extra=fields(error=str(exc)))
 
 
 def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> None:
@@ -158,10 +125,10 @@ def _reload(proxy: Proxy, metrics: Metrics, old: Config, path: str | None) -> No
         return
     if new.listen != old.listen or new.metrics_listen != old.metrics_listen:
         log.warning("reload: listen addresses change only on restart")
-    _notify(b"RELOADING=1")
+    notify(b"RELOADING=1")
     proxy.reload(new)
     metrics.config_loaded(True)
-    _notify(b"READY=1")
+    notify(b"READY=1")
     log.info("reloaded", extra=fields(path=path))
 
 
@@ -190,8 +157,7 @@ def health(config: Config, path: str, timeout: float = 4) -> int:
     return 0 if status.split(b" ")[1:2] == [b"200"] else EXIT_RUNTIME
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtpguard", description=__doc__)
     parser.add_argument("--version", action="version", version=f"smtpguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,21 +176,19 @@ def main(argv: list[str] | None = None) -> int:
     p_health.add_argument(
         "--ready", action="store_true", help="ask /readyz (ready for new sessions), not /healthz"
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        print(f"smtpguard: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.command == "check":
-        upstream = config.upstream or "embedded sink"
-        listen = ", ".join(str(a) for a in config.listen)
-        print(f"smtpguard: config OK (listen {listen}; upstream {upstream})")
-        return 0
-    if args.command == "health":
-        return health(config, "/readyz" if args.ready else "/healthz")
 
+def _check(config: Config) -> int:
+    """``smtpguard check``: the config loaded, so say what it runs."""
+    upstream = config.upstream or "embedded sink"
+    listen = ", ".join(str(a) for a in config.listen)
+    print(f"smtpguard: config OK (listen {listen}; upstream {upstream})")
+    return 0
+
+
+def _run(config: Config, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``smtpguard serve``: one process, a worker, or the supervisor of workers."""
     level = (args.log_level or config.log_level).lower()
     if level not in ("debug", "info", "warning", "error"):
         print(f"smtpguard: --log-level: unknown level {args.log_level!r}", file=sys.stderr)
@@ -245,6 +209,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        print(f"smtpguard: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        return _check(config)
+    if args.command == "health":
+        return health(config, "/readyz" if args.ready else "/healthz")
+    return _run(config, args, argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-FORMATS = ("logfmt", "json")
-
 
 def fields(**values: object) -> dict[str, Mapping[str, object]]:
     """``extra=`` for a log call: ``log.info("violation", extra=fields(conn=1))``."""

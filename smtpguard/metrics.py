@@ -8,8 +8,9 @@ their series exist at 0.
 
 from __future__ import annotations
 
-import bisect
+import builtins
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
@@ -75,263 +76,378 @@ CLOSE_REASONS = (
 )
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "error")
 MESSAGE_OUTCOMES = ("accepted", "rejected", "aborted")
-#: Upstream steps: the client verbs plus the pseudo-steps the upstream answers.
-STEPS = tuple(v.value for v in Verb)
-REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+DIRECTIONS = ("client_to_upstream", "upstream_to_client")
+#: ``smtpguard_upstream_reply_seconds`` buckets.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIZE_BUCKETS = (1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric family: its Python attribute on :class:`Metrics`, its
+    prometheus-client class, name (counters without ``_total``: the client
+    adds it), help text, label names, and the label values whose series
+    exist from the start (at 0)."""
+
+    attr: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    doc: str
+    labels: tuple[str, ...] = ()
+    series: tuple[tuple[str, ...], ...] = ()
+    #: Gauges: how the supervisor sums the workers' values (``workers: N``).
+    multiprocess_mode: str | None = None
+    buckets: tuple[float, ...] | None = None
+
+    def create(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        options: dict[str, Any] = {"registry": registry}
+        if self.multiprocess_mode is not None:
+            options["multiprocess_mode"] = self.multiprocess_mode
+        if self.buckets is not None:
+            options["buckets"] = self.buckets
+        metric = self.kind(self.name, self.doc, self.labels, **options)
+        for values in self.series:
+            metric.labels(*values)
+        return metric
+
+
+def _each(values: Iterable[str]) -> tuple[tuple[str, ...], ...]:
+    return tuple((value,) for value in values)
+
+
+#: Every family smtpguard exports, in exposition order.
+FAMILIES = (
+    Family(
+        "build_info",
+        Gauge,
+        "smtpguard_build_info",
+        "smtpguard version",
+        ("version",),
+        multiprocess_mode="max",
+    ),
+    Family(
+        "violations",
+        Counter,
+        "smtpguard_sequence_violations",
+        "Client commands out of sequence, answered locally and never forwarded",
+        ("command", "state"),
+        series=tuple((verb.value, phase.value) for verb in CLIENT_VERBS for phase in Phase),
+    ),
+    Family(
+        "local_replies",
+        Counter,
+        "smtpguard_local_replies",
+        "Replies smtpguard sent itself, by reply code",
+        ("code",),
+        series=_each(LOCAL_CODES),
+    ),
+    Family("sessions_opened", Counter, "smtpguard_sessions_opened", "Client sessions accepted"),
+    Family(
+        "sessions_open",
+        Gauge,
+        "smtpguard_sessions_open",
+        "Client sessions open now",
+        multiprocess_mode="livesum",
+    ),
+    Family(
+        "sessions_closed",
+        Counter,
+        "smtpguard_sessions_closed",
+        "Client sessions ended, by reason",
+        ("reason",),
+        series=_each(CLOSE_REASONS),
+    ),
+    # Upstream admission (upstream_limits): slots per address, the line.
+    Family(
+        "upstream_sessions_held",
+        Gauge,
+        "smtpguard_upstream_sessions",
+        "Upstream sessions held now under upstream_limits.max_sessions",
+        multiprocess_mode="livesum",
+    ),
+    Family(
+        "upstream_session_cap",
+        Gauge,
+        "smtpguard_upstream_session_cap",
+        "Upstream sessions allowed per upstream address (the workers' shares summed)",
+        multiprocess_mode="livesum",
+    ),
+    Family(
+        "upstream_queue_depth",
+        Gauge,
+        "smtpguard_upstream_queue_depth",
+        "Clients waiting in line for an upstream slot",
+        multiprocess_mode="livesum",
+    ),
+    Family(
+        "upstream_queue_wait",
+        Histogram,
+        "smtpguard_upstream_queue_wait_seconds",
+        "Time a client waited for an upstream slot",
+        buckets=QUEUE_WAIT_BUCKETS,
+    ),
+    # The shared store (store.py): up, failures and the cost of each call.
+    Family(
+        "store_up",
+        Gauge,
+        "smtpguard_store_up",
+        "1 while the shared store answers, 0 while limits fall back to this process "
+        "(no series without a store)",
+        ("store",),
+        multiprocess_mode="livemin",
+    ),
+    Family(
+        "store_errors",
+        Counter,
+        "smtpguard_store_errors",
+        "Calls to the shared store that failed or timed out (mail flows: fail open)",
+        ("op",),
+        series=_each(STORE_OPS),
+    ),
+    Family(
+        "store_seconds",
+        Histogram,
+        "smtpguard_store_call_seconds",
+        "Duration of the calls to the shared store that succeeded",
+        ("op",),
+        series=_each(STORE_OPS),
+        buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    ),
+    Family(
+        "rate_refusals",
+        Counter,
+        "smtpguard_connection_rate_refusals",
+        "Connections refused 421 for going over rates.connections_per_minute",
+    ),
+    Family(
+        "rate_refusals_commands",
+        Counter,
+        "smtpguard_client_rate_refusals",
+        "MAIL and RCPT commands answered 450 4.7.1 for going over a per-client rate",
+        ("kind",),
+        series=_each(("message", "recipient")),
+    ),
+    Family(
+        "penalty_entries",
+        Counter,
+        "smtpguard_penalty_box_entries",
+        "Clients put in the penalty box (penalty_box.violations reached)",
+    ),
+    Family(
+        "penalty_refusals",
+        Counter,
+        "smtpguard_penalty_box_refusals",
+        "Connections refused at connect because the client is in the penalty box",
+    ),
+    Family(
+        "upstream_busy_refusals",
+        Counter,
+        "smtpguard_upstream_busy",
+        "Clients refused 421 4.3.2 because no upstream slot came free in time",
+    ),
+    Family(
+        "forwarded",
+        Counter,
+        "smtpguard_commands_forwarded",
+        "Commands relayed to the upstream, by verb",
+        ("command",),
+        series=_each(verb.value for verb in CLIENT_VERBS),
+    ),
+    Family(
+        "upstream_replies",
+        Counter,
+        "smtpguard_upstream_replies",
+        "Replies from the upstream, by the verb they answer and reply class",
+        ("command", "class"),
+    ),
+    Family(
+        "upstream_latency",
+        Histogram,
+        "smtpguard_upstream_reply_seconds",
+        "Time from forwarding a command to the upstream's reply",
+        ("command",),
+        buckets=LATENCY_BUCKETS,
+    ),
+    Family(
+        "connect_failures",
+        Counter,
+        "smtpguard_upstream_connect_failures",
+        "Failed connections to the upstream, by reason",
+        ("reason",),
+        series=_each(CONNECT_FAILURES),
+    ),
+    Family(
+        "messages",
+        Counter,
+        "smtpguard_messages",
+        "Messages relayed, by outcome",
+        ("outcome",),
+        series=_each(MESSAGE_OUTCOMES),
+    ),
+    Family(
+        "message_size",
+        Histogram,
+        "smtpguard_message_size_bytes",
+        "Size of message content relayed",
+        buckets=SIZE_BUCKETS,
+    ),
+    Family(
+        "bytes",
+        Counter,
+        "smtpguard_bytes",
+        "Bytes relayed, by direction",
+        ("direction",),
+        series=_each(DIRECTIONS),
+    ),
+    Family(
+        "help",
+        Counter,
+        "smtpguard_help_requests",
+        "HELP commands, by handling",
+        ("handling",),
+        series=_each(("local", "forwarded")),
+    ),
+    Family(
+        "policy_actions",
+        Counter,
+        "smtpguard_policy_actions",
+        "Protection policy decisions, by defence and the action taken",
+        ("defence", "action"),
+        series=tuple(
+            (defence.value, action)
+            for defence in Defence
+            for action in ALLOWED.get(defence, ("observe", "reject"))
+        ),
+    ),
+    Family(
+        "upstream_up",
+        Gauge,
+        "smtpguard_upstream_up",
+        "1 if the last connection to this upstream (by its index in the config) worked,"
+        " 0 if it failed; no series until it is tried",
+        ("upstream",),
+        multiprocess_mode="livemin",
+    ),
+    Family(
+        "tls_sessions",
+        Counter,
+        "smtpguard_tls_sessions",
+        "Client sessions that negotiated TLS (STARTTLS or implicit), by protocol",
+        ("protocol",),
+        series=_each(("TLSv1.2", "TLSv1.3")),
+    ),
+    Family(
+        "tls_handshake_failures",
+        Counter,
+        "smtpguard_tls_handshake_failures",
+        "TLS handshakes with clients that failed, by listener kind and reason",
+        ("listener", "reason"),
+        series=tuple(
+            (listener, reason)
+            for listener in ("starttls", "implicit")
+            for reason in HANDSHAKE_FAILURES
+        ),
+    ),
+    Family(
+        "upstream_tls",
+        Counter,
+        "smtpguard_upstream_tls",
+        "STARTTLS from smtpguard to the upstream, by result",
+        ("result",),
+        series=_each(("established", "plaintext", "failed", "none")),
+    ),
+    Family(
+        "auth_results",
+        Counter,
+        "smtpguard_auth_results",
+        "AUTH exchanges relayed, by the upstream's verdict",
+        ("result",),
+        series=_each(("success", "failure")),
+    ),
+    Family(
+        "reload_success",
+        Gauge,
+        "smtpguard_config_last_reload_successful",
+        "1 if the last configuration load succeeded, 0 if it was refused",
+        multiprocess_mode="livemin",
+    ),
+    Family(
+        "reload_time",
+        Gauge,
+        "smtpguard_config_last_reload_success_timestamp_seconds",
+        "When the configuration in use was loaded",
+        multiprocess_mode="livemax",
+    ),
+    # Counted by the worker the supervisor started in a dead one's place
+    # (``workers: N``); summed over workers, dead ones included.
+    Family(
+        "worker_restarts",
+        Counter,
+        "smtpguard_worker_restarts",
+        "Worker processes started again after one died (workers: N)",
+    ),
+)
 
 
 class Metrics:
-    """Every counter smtpguard exports, behind methods named for decisions."""
+    """Every counter smtpguard exports, behind methods named for decisions.
+
+    Each family of :data:`FAMILIES` is an attribute of the same name.
+    """
+
+    build_info: Gauge
+    violations: Counter
+    local_replies: Counter
+    sessions_opened: Counter
+    sessions_open: Gauge
+    sessions_closed: Counter
+    upstream_sessions_held: Gauge
+    upstream_session_cap: Gauge
+    upstream_queue_depth: Gauge
+    upstream_queue_wait: Histogram
+    store_up: Gauge
+    store_errors: Counter
+    store_seconds: Histogram
+    rate_refusals: Counter
+    rate_refusals_commands: Counter
+    penalty_entries: Counter
+    penalty_refusals: Counter
+    upstream_busy_refusals: Counter
+    forwarded: Counter
+    upstream_replies: Counter
+    upstream_latency: Histogram
+    connect_failures: Counter
+    messages: Counter
+    message_size: Histogram
+    bytes: Counter
+    help: Counter
+    policy_actions: Counter
+    upstream_up: Gauge
+    tls_sessions: Counter
+    tls_handshake_failures: Counter
+    upstream_tls: Counter
+    auth_results: Counter
+    reload_success: Gauge
+    reload_time: Gauge
+    worker_restarts: Counter
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        # Per-command counters (commands forwarded, replies, bytes) are added
-        # up here and passed to prometheus-client in batches: its inc() takes
-        # a lock (and in a worker writes a shared file), which costs more
-        # than the rest of relaying a command.  The batch is flushed before
-        # every collection (this collector is registered first, so it runs
-        # first: a scrape never misses an increment), and by
-        # :meth:`flush_every` in workers (their files are read by the
-        # supervisor, not collected here).
+        # Per-command counters (commands forwarded, replies, bytes) and
+        # latencies are added up here and passed to prometheus-client in
+        # batches: its inc() takes a lock (and in a worker writes a shared
+        # file), which costs more than the rest of relaying a command.  The
+        # batch is flushed before every collection (this collector is
+        # registered first, so it runs first: a scrape never misses an
+        # increment), and by :meth:`flush_every` in workers (their files are
+        # read by the supervisor, not collected here).
         self._pending: dict[Any, float] = {}
-        r.register(_FlushFirst(self))
-        self.build_info = Gauge(
-            "smtpguard_build_info",
-            "smtpguard version",
-            ["version"],
-            registry=r,
-            multiprocess_mode="max",
-        )
+        self._observations: list[tuple[Any, float]] = []  # (histogram child, value)
+        self.registry.register(_FlushFirst(self))
+        for family in FAMILIES:
+            setattr(self, family.attr, family.create(self.registry))
         self.build_info.labels(__version__).set(1)
-        self.violations = Counter(
-            "smtpguard_sequence_violations",
-            "Client commands out of sequence, answered locally and never forwarded",
-            ["command", "state"],
-            registry=r,
-        )
-        self.local_replies = Counter(
-            "smtpguard_local_replies",
-            "Replies smtpguard sent itself, by reply code",
-            ["code"],
-            registry=r,
-        )
-        self.sessions_opened = Counter(
-            "smtpguard_sessions_opened", "Client sessions accepted", registry=r
-        )
-        # multiprocess_mode only matters with workers (summed by the supervisor).
-        self.sessions_open = Gauge(
-            "smtpguard_sessions_open",
-            "Client sessions open now",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.sessions_closed = Counter(
-            "smtpguard_sessions_closed", "Client sessions ended, by reason", ["reason"], registry=r
-        )
-        # Upstream admission (upstream_limits): slots per address, the line.
-        self.upstream_sessions_held = Gauge(
-            "smtpguard_upstream_sessions",
-            "Upstream sessions held now under upstream_limits.max_sessions",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_session_cap = Gauge(
-            "smtpguard_upstream_session_cap",
-            "Upstream sessions allowed per upstream address (the workers' shares summed)",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_queue_depth = Gauge(
-            "smtpguard_upstream_queue_depth",
-            "Clients waiting in line for an upstream slot",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_queue_wait = Histogram(
-            "smtpguard_upstream_queue_wait_seconds",
-            "Time a client waited for an upstream slot",
-            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=r,
-        )
-        self.rate_refusals = Counter(
-            "smtpguard_connection_rate_refusals",
-            "Connections refused 421 for going over rates.connections_per_minute",
-            registry=r,
-        )
-        self.rate_refusals_commands = Counter(
-            "smtpguard_client_rate_refusals",
-            "MAIL and RCPT commands answered 450 4.7.1 for going over a per-client rate",
-            ["kind"],
-            registry=r,
-        )
-        for kind in ("message", "recipient"):
-            self.rate_refusals_commands.labels(kind)
-        self.penalty_entries = Counter(
-            "smtpguard_penalty_box_entries",
-            "Clients put in the penalty box (penalty_box.violations reached)",
-            registry=r,
-        )
-        self.penalty_refusals = Counter(
-            "smtpguard_penalty_box_refusals",
-            "Connections refused at connect because the client is in the penalty box",
-            registry=r,
-        )
-        # The shared store (store.py): up, failures and the cost of each call.
-        self.store_up = Gauge(
-            "smtpguard_store_up",
-            "1 while the shared store answers, 0 while limits fall back to this process "
-            "(no series without a store)",
-            ["store"],
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.store_errors = Counter(
-            "smtpguard_store_errors",
-            "Calls to the shared store that failed or timed out (mail flows: fail open)",
-            ["op"],
-            registry=r,
-        )
-        self.store_seconds = Histogram(
-            "smtpguard_store_call_seconds",
-            "Duration of the calls to the shared store that succeeded",
-            ["op"],
-            buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
-            registry=r,
-        )
-        for op in STORE_OPS:
-            self.store_errors.labels(op)
-            self.store_seconds.labels(op)
-        self.upstream_busy_refusals = Counter(
-            "smtpguard_upstream_busy",
-            "Clients refused 421 4.3.2 because no upstream slot came free in time",
-            registry=r,
-        )
-        self.forwarded = Counter(
-            "smtpguard_commands_forwarded",
-            "Commands relayed to the upstream, by verb",
-            ["command"],
-            registry=r,
-        )
-        self.upstream_replies = Counter(
-            "smtpguard_upstream_replies",
-            "Replies from the upstream, by the verb they answer and reply class",
-            ["command", "class"],
-            registry=r,
-        )
-        self.upstream_latency = Histogram(
-            "smtpguard_upstream_reply_seconds",
-            "Time from forwarding a command to the upstream's reply",
-            ["command"],
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=r,
-        )
-        self.connect_failures = Counter(
-            "smtpguard_upstream_connect_failures",
-            "Failed connections to the upstream, by reason",
-            ["reason"],
-            registry=r,
-        )
-        self.messages = Counter(
-            "smtpguard_messages", "Messages relayed, by outcome", ["outcome"], registry=r
-        )
-        self.message_size = Histogram(
-            "smtpguard_message_size_bytes",
-            "Size of message content relayed",
-            buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
-            registry=r,
-        )
-        self.bytes = Counter(
-            "smtpguard_bytes", "Bytes relayed, by direction", ["direction"], registry=r
-        )
-        self.help = Counter(
-            "smtpguard_help_requests", "HELP commands, by handling", ["handling"], registry=r
-        )
-        self.policy_actions = Counter(
-            "smtpguard_policy_actions",
-            "Protection policy decisions, by defence and the action taken",
-            ["defence", "action"],
-            registry=r,
-        )
-        for defence in Defence:
-            for action in ALLOWED.get(defence, ("observe", "reject")):
-                self.policy_actions.labels(defence.value, action)
-        self.upstream_up = Gauge(
-            "smtpguard_upstream_up",
-            "1 if the last connection to this upstream (by its index in the config) worked,"
-            " 0 if it failed; no series until it is tried",
-            ["upstream"],
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.tls_sessions = Counter(
-            "smtpguard_tls_sessions",
-            "Client sessions that negotiated TLS (STARTTLS or implicit), by protocol",
-            ["protocol"],
-            registry=r,
-        )
-        for protocol in ("TLSv1.2", "TLSv1.3"):
-            self.tls_sessions.labels(protocol)
-        self.tls_handshake_failures = Counter(
-            "smtpguard_tls_handshake_failures",
-            "TLS handshakes with clients that failed, by listener kind and reason",
-            ["listener", "reason"],
-            registry=r,
-        )
-        for listener in ("starttls", "implicit"):
-            for reason in HANDSHAKE_FAILURES:
-                self.tls_handshake_failures.labels(listener, reason)
-        self.upstream_tls = Counter(
-            "smtpguard_upstream_tls",
-            "STARTTLS from smtpguard to the upstream, by result",
-            ["result"],
-            registry=r,
-        )
-        for result in ("established", "plaintext", "failed", "none"):
-            self.upstream_tls.labels(result)
-        self.auth_results = Counter(
-            "smtpguard_auth_results",
-            "AUTH exchanges relayed, by the upstream's verdict",
-            ["result"],
-            registry=r,
-        )
-        for result in ("success", "failure"):
-            self.auth_results.labels(result)
-        self.reload_success = Gauge(
-            "smtpguard_config_last_reload_successful",
-            "1 if the last configuration load succeeded, 0 if it was refused",
-            registry=r,
-            multiprocess_mode="livemin",
-        )
-        self.reload_time = Gauge(
-            "smtpguard_config_last_reload_success_timestamp_seconds",
-            "When the configuration in use was loaded",
-            registry=r,
-            multiprocess_mode="livemax",
-        )
-        # Counted by the worker the supervisor started in a dead one's place
-        # (``workers: N``); summed over workers, dead ones included.
-        self.worker_restarts = Counter(
-            "smtpguard_worker_restarts",
-            "Worker processes started again after one died (workers: N)",
-            registry=r,
-        )
-        for verb in CLIENT_VERBS:
-            self.forwarded.labels(verb.value)
-            for phase in Phase:
-                self.violations.labels(verb.value, phase.value)
-        for code in LOCAL_CODES:
-            self.local_replies.labels(code)
-        for reason in CLOSE_REASONS:
-            self.sessions_closed.labels(reason)
-        for reason in CONNECT_FAILURES:
-            self.connect_failures.labels(reason)
-        for outcome in MESSAGE_OUTCOMES:
-            self.messages.labels(outcome)
-        for direction in ("client_to_upstream", "upstream_to_client"):
-            self.bytes.labels(direction)
-        for handling in ("local", "forwarded"):
-            self.help.labels(handling)
         # Label look-ups cost more than the increments: keep the children.
         # ``BDAT n LAST`` is counted as BDAT: the label set is the client
         # verbs plus DATA_END and AUTH_RESPONSE (the greeting is not sent).
@@ -341,11 +457,8 @@ class Metrics:
             if v is not Verb.BDAT_LAST and v is not Verb.GREETING
         }
         self._forwarded[Verb.BDAT_LAST] = self._forwarded[Verb.BDAT]
-        self._latency = {v: _Batch.of(self.upstream_latency.labels(v.value)) for v in Verb}
-        self._batches: list[_Batch] = []  # histograms with observations to flush
-        self._bytes = {
-            d: self.bytes.labels(d) for d in ("client_to_upstream", "upstream_to_client")
-        }
+        self._latency = {v: self.upstream_latency.labels(v.value) for v in Verb}
+        self._bytes = {d: self.bytes.labels(d) for d in DIRECTIONS}
         self._replies: dict[tuple[Verb, int], Any] = {}
         self._closed = {reason: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS}
 
@@ -396,11 +509,11 @@ class Metrics:
             self._pending = {}
             for child, amount in pending.items():
                 child.inc(amount)
-        batches = self._batches
-        if batches:
-            self._batches = []
-            for batch in batches:
-                batch.flush()
+        observations = self._observations
+        if observations:
+            self._observations = []
+            for child, value in observations:
+                child.observe(value)
 
     async def flush_every(self, seconds: float) -> None:
         """Flush periodically (workers: the supervisor reads their files)."""
@@ -417,9 +530,7 @@ class Metrics:
         pending[child] = pending.get(child, 0) + n
 
     def reply_latency(self, step: Verb, seconds: float) -> None:
-        batch = self._latency[step]
-        if batch.add(seconds):
-            self._batches.append(batch)
+        self._observations.append((self._latency[step], seconds))
 
     def observe(self, events: Iterable[Event]) -> None:
         """Count what the core decided (children cached: this runs per command)."""
@@ -453,71 +564,8 @@ class Metrics:
             elif type(event) is PolicyAction:
                 self.policy_actions.labels(event.defence.value, event.action).inc()
 
-    def exposition(self) -> bytes:
-        return bytes(generate_latest(self.registry))
-
-
-class _Batch:
-    """Observations of one histogram child, added up until the next flush.
-
-    A histogram's ``observe`` walks its bounds in Python and takes two locks
-    (the sum's and a bucket's); in a worker it writes both to a shared file.
-    Here an observation is a bisection and two additions; the flush adds
-    each bucket's count and the sum to the child's own values, which is what
-    ``observe`` does one at a time.  That uses the
-    child's ``_upper_bounds``, ``_buckets`` and ``_sum`` (as in
-    prometheus-client 0.26, tested); a child without them gets plain
-    ``observe`` calls at the flush instead (:meth:`of` checks).
-    """
-
-    __slots__ = ("child", "bounds", "counts", "total", "values", "pending")
-
-    def __init__(self, child: Any, bounds: list[float] | None) -> None:
-        self.child = child
-        self.bounds = bounds
-        self.counts = [0] * len(bounds) if bounds is not None else []
-        self.total = 0.0
-        self.values: list[float] = []  # without bounds: kept for observe()
-        self.pending = False
-
-    @classmethod
-    def of(cls, child: Any) -> _Batch:
-        bounds = getattr(child, "_upper_bounds", None)
-        buckets = getattr(child, "_buckets", None)
-        usable = (
-            isinstance(bounds, list)
-            and isinstance(buckets, list)
-            and len(bounds) == len(buckets)
-            and hasattr(child, "_sum")
-            and all(hasattr(b, "inc") for b in buckets)
-        )
-        return cls(child, list(bounds) if usable else None)  # type: ignore[arg-type]
-
-    def add(self, value: float) -> bool:
-        """Record ``value``; True if this batch was empty (so: list it)."""
-        if self.bounds is None:
-            self.values.append(value)
-        else:
-            self.counts[bisect.bisect_left(self.bounds, value)] += 1
-            self.total += value
-        was_empty = not self.pending
-        self.pending = True
-        return was_empty
-
-    def flush(self) -> None:
-        child = self.child
-        if self.bounds is None:
-            values, self.values = self.values, []
-            for value in values:
-                child.observe(value)
-        else:
-            for i, count in enumerate(self.counts):
-                if count:
-                    child._buckets[i].inc(count)
-                    self.counts[i] = 0
-            child._sum.inc(self.total)
-            self.total = 0.0
-        self.pending = False
+    def exposition(self) -> builtins.bytes:  # ``bytes`` is a family here
+        return builtins.bytes(generate_latest(self.registry))
 
 
 class _FlushFirst:

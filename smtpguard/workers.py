@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from . import tlsctx
 from .config import Address, Config, listener_specs
 from .logs import fields
+from .service import notify, start_embedded_sink, start_metrics_endpoint, upstream_reachable
 
 log = logging.getLogger("smtpguard")
 
@@ -101,15 +102,9 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
-async def supervise(config: Config, argv: list[str]) -> None:
-    """Run ``config.workers`` worker processes until SIGTERM/SIGINT."""
-    from .cli import _notify, _upstream_reachable
-    from .metrics import serve_http
-    from .sink import serve_sink
-
-    # The supervisor binds (privileged ports included) and the workers
-    # inherit the sockets: one accept queue per address, shared.
-    sockets = []
+def _bind_all(config: Config) -> list[socket.socket]:
+    """The listening sockets, one per configured listener (all or none)."""
+    sockets: list[socket.socket] = []
     try:
         for spec in listener_specs(config):
             sockets.append(bind_listener(spec.address))
@@ -117,8 +112,62 @@ async def supervise(config: Config, argv: list[str]) -> None:
         for sock in sockets:
             sock.close()
         raise
-    fds = [sock.fileno() for sock in sockets]
-    folder = tempfile.mkdtemp(prefix="smtpguard-metrics-")
+    return sockets
+
+
+class _Workers:
+    """The worker processes: started, restarted when they die, signalled."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], fds: list[int], folder: str) -> None:
+        self.argv = argv
+        self.env = env
+        self.fds = fds
+        self.folder = folder
+        self.procs: dict[int, trio.Process] = {}
+        self.stopping = False
+
+    async def keep(self, index: int) -> None:
+        """Run worker ``index``, and again after each death, until stopping."""
+        restarted: dict[str, str] = {}
+        while not self.stopping:
+            proc = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "smtpguard", *self.argv],
+                env={**self.env, **restarted, WORKER_ENV: str(index)},
+                pass_fds=self.fds,
+            )
+            self.procs[index] = proc
+            if self.stopping:  # the stop came while it started
+                proc.send_signal(signal.SIGTERM)
+            log.info("worker started", extra=fields(worker=index, pid=proc.pid))
+            code = await proc.wait()
+            multiprocess.mark_process_dead(proc.pid, self.folder)  # type: ignore[no-untyped-call]
+            if self.stopping:
+                return
+            log.error(
+                "worker died, restarting",
+                extra=fields(worker=index, pid=proc.pid, exit_code=code),
+            )
+            restarted = {RESTARTED_ENV: "1"}
+            await trio.sleep(RESTART_DELAY_SECONDS)
+
+    def send(self, signum: int) -> None:
+        """Pass ``signum`` on to every worker still running."""
+        for proc in list(self.procs.values()):
+            if proc.returncode is None:
+                proc.send_signal(signum)
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Wait up to ``grace_seconds`` for the workers to stop, then kill the rest."""
+        log.info("stopping workers", extra=fields(workers=len(self.procs)))
+        with trio.move_on_after(grace_seconds):
+            for proc in list(self.procs.values()):
+                await proc.wait()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.kill()
+
+
+def _worker_env(folder: str, fds: list[int]) -> dict[str, str]:
     env = {
         **os.environ,
         "PROMETHEUS_MULTIPROC_DIR": folder,
@@ -129,8 +178,17 @@ async def supervise(config: Config, argv: list[str]) -> None:
         tlsctx.TICKET_KEYS_ENV: tlsctx.ticket_keys().hex(),
     }
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-    procs: dict[int, trio.Process] = {}
-    stopping = False
+    return env
+
+
+async def supervise(config: Config, argv: list[str]) -> None:
+    """Run ``config.workers`` worker processes until SIGTERM/SIGINT."""
+    # The supervisor binds (privileged ports included) and the workers
+    # inherit the sockets: one accept queue per address, shared.
+    sockets = _bind_all(config)
+    fds = [sock.fileno() for sock in sockets]
+    folder = tempfile.mkdtemp(prefix="smtpguard-metrics-")
+    workers = _Workers(argv, _worker_env(folder, fds), fds, folder)
     # Signals are ours from the start: a SIGTERM while the workers start
     # stops them gracefully instead of killing the supervisor alone.
     signals_cm = trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -139,85 +197,40 @@ async def supervise(config: Config, argv: list[str]) -> None:
             async with trio.open_nursery() as nursery:
                 upstream = config.upstream
                 if upstream is None:
-                    host, port = await nursery.start(
-                        serve_sink, config.sink_directory, "127.0.0.1", 0
-                    )
-                    upstream = Address(host, port)
-                    env[UPSTREAM_ENV] = str(upstream)
-                    print(
-                        f"smtpguard: messages will be stored in {config.sink_directory}",
-                        flush=True,
-                    )
-
-                async def worker(index: int) -> None:
-                    restarted: dict[str, str] = {}
-                    while not stopping:
-                        proc = await trio.lowlevel.open_process(
-                            [sys.executable, "-m", "smtpguard", *argv],
-                            env={**env, **restarted, WORKER_ENV: str(index)},
-                            pass_fds=fds,
-                        )
-                        procs[index] = proc
-                        if stopping:  # the stop came while it started
-                            proc.send_signal(signal.SIGTERM)
-                        log.info("worker started", extra=fields(worker=index, pid=proc.pid))
-                        code = await proc.wait()
-                        multiprocess.mark_process_dead(proc.pid, folder)  # type: ignore[no-untyped-call]
-                        if stopping:
-                            return
-                        log.error(
-                            "worker died, restarting",
-                            extra=fields(worker=index, pid=proc.pid, exit_code=code),
-                        )
-                        restarted = {RESTARTED_ENV: "1"}
-                        await trio.sleep(RESTART_DELAY_SECONDS)
-
+                    upstream = await start_embedded_sink(nursery, config)
+                    workers.env[UPSTREAM_ENV] = str(upstream)
                 for index in range(config.workers):
-                    nursery.start_soon(worker, index)
+                    nursery.start_soon(workers.keep, index)
                 if config.metrics_listen is not None:
-                    address = config.metrics_listen
                     reachable = upstream
 
                     async def ready() -> bool:
-                        return bool(procs) and await _upstream_reachable(reachable)
+                        return bool(workers.procs) and await upstream_reachable(reachable)
 
-                    port = await nursery.start(
-                        serve_http, AggregatedMetrics(folder), address.host, address.port, ready
-                    )
-                    print(
-                        f"smtpguard: metrics on http://{Address(address.host, port)}/metrics",
-                        flush=True,
+                    await start_metrics_endpoint(
+                        nursery, AggregatedMetrics(folder), config.metrics_listen, ready
                     )
                 # The sockets listen already: connections queue until a
                 # worker takes them, so the service is ready now.
                 listening = ", ".join(str(spec.address) for spec in listener_specs(config))
                 print(f"smtpguard: {config.workers} workers listening on {listening}", flush=True)
-                _notify(b"READY=1")
+                notify(b"READY=1")
                 async for signum in signals:
-                    if signum != signal.SIGHUP:
-                        stopping = True  # before signalling: no worker is restarted
-                        # Our copies go now: once the workers close theirs,
-                        # new connections are refused, not left queued.
-                        for sock in sockets:
-                            sock.close()
-                    if signum == signal.SIGHUP:
-                        _notify(b"RELOADING=1")
-                    for proc in list(procs.values()):
-                        if proc.returncode is None:
-                            proc.send_signal(signal.SIGHUP if signum == signal.SIGHUP else signum)
                     if signum == signal.SIGHUP:
                         # Passed on: each worker reloads (or refuses a bad
                         # config and keeps its own), as a single process does.
-                        _notify(b"READY=1")
+                        notify(b"RELOADING=1")
+                        workers.send(signal.SIGHUP)
+                        notify(b"READY=1")
                         continue
-                    _notify(b"STOPPING=1")
-                    log.info("stopping workers", extra=fields(workers=len(procs)))
-                    with trio.move_on_after(config.shutdown_grace_seconds + 20):
-                        for proc in list(procs.values()):
-                            await proc.wait()
-                    for proc in procs.values():
-                        if proc.returncode is None:
-                            proc.kill()
+                    workers.stopping = True  # before signalling: no worker is restarted
+                    # Our copies go now: once the workers close theirs,
+                    # new connections are refused, not left queued.
+                    for sock in sockets:
+                        sock.close()
+                    workers.send(signum)
+                    notify(b"STOPPING=1")
+                    await workers.stop(config.shutdown_grace_seconds + 20)
                     nursery.cancel_scope.cancel()
                     break
     finally:

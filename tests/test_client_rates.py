@@ -3,23 +3,11 @@ what a client is told at connect, and that the upstream is never bothered."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
-from test_proxy import FakeUpstream, make_proxy, read_replies, read_to_eof, value
-
-
-def fake_upstreams(nursery: trio.Nursery) -> Callable[[], Awaitable[trio.abc.Stream]]:
-    """A connect function: each call starts a new FakeUpstream."""
-
-    async def connect() -> trio.abc.Stream:
-        mine, theirs = trio.testing.memory_stream_pair()
-        nursery.start_soon(FakeUpstream(theirs).run)
-        return mine
-
-    return connect
+from support.driver import connect_upstreams, make_proxy, read_replies, read_to_eof, value
+from support.upstream import ScriptedUpstream
 
 
 async def _session(nursery: trio.Nursery, proxy: object, host: str) -> trio.abc.Stream:
@@ -30,16 +18,9 @@ async def _session(nursery: trio.Nursery, proxy: object, host: str) -> trio.abc.
 
 async def test_repeated_violations_put_a_client_in_the_penalty_box() -> None:
     registry = CollectorRegistry()
-    connected: list[FakeUpstream] = []
+    connected: list[ScriptedUpstream] = []
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            mine, theirs = trio.testing.memory_stream_pair()
-            upstream = FakeUpstream(theirs)
-            connected.append(upstream)
-            nursery.start_soon(upstream.run)
-            return mine
-
+        connect = connect_upstreams(nursery, started=connected)
         proxy = make_proxy(
             registry,
             connect,
@@ -73,7 +54,7 @@ async def test_repeated_violations_put_a_client_in_the_penalty_box() -> None:
 async def test_connection_rate_per_client() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-        connect = fake_upstreams(nursery)
+        connect = connect_upstreams(nursery)
 
         proxy = make_proxy(registry, connect, rates={"connections_per_minute": 2})
         for _ in range(2):
@@ -91,7 +72,7 @@ async def test_connection_rate_per_client() -> None:
 async def test_message_rate_per_client_across_sessions() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-        connect = fake_upstreams(nursery)
+        connect = connect_upstreams(nursery)
 
         proxy = make_proxy(registry, connect, rates={"messages_per_minute": 1})
         first = await _session(nursery, proxy, "203.0.113.9")
@@ -111,7 +92,7 @@ async def test_message_rate_per_client_across_sessions() -> None:
 async def test_observe_mode_counts_rates_and_the_penalty_box_but_refuses_nothing() -> None:
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
-        connect = fake_upstreams(nursery)
+        connect = connect_upstreams(nursery)
 
         proxy = make_proxy(
             registry,

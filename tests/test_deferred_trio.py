@@ -10,33 +10,27 @@ import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
-from test_proxy import FakeUpstream, make_proxy, read_to_eof
+from support.driver import Replies, connect_upstreams, make_proxy, read_to_eof, session
+from support.upstream import ScriptedUpstream
 
 
 async def test_the_upstream_is_connected_at_the_first_command(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="smtpguard")
-    connects = 0
+    started: list[ScriptedUpstream] = []
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            nonlocal connects
-            connects += 1
-            mine, theirs = trio.testing.memory_stream_pair()
-            nursery.start_soon(FakeUpstream(theirs).run)
-            return mine
-
+        connect = connect_upstreams(nursery, started=started)
         proxy = make_proxy(CollectorRegistry(), connect, upstream_connect="on_command")
         client, proxy_side = trio.testing.memory_stream_pair()
         nursery.start_soon(proxy.handle, proxy_side, "192.0.2.1:1", "192.0.2.1")
         assert await client.receive_some(100) == b"220 guard.test ESMTP\r\n"
         await trio.sleep(0.1)
-        assert connects == 0  # a silent client costs no upstream
+        assert len(started) == 0  # a silent client costs no upstream
         sent = b"EHLO client.test\r\nQUIT\r\n"
         await client.send_all(sent)
         received = b"220 guard.test ESMTP\r\n" + await read_to_eof(client)
-    assert connects == 1
+    assert len(started) == 1
     assert received.endswith(b"221 2.0.0 bye\r\n") and b"250" in received
     [summary] = [r for r in caplog.records if r.getMessage() == "disconnect"]
     fields = summary.fields  # type: ignore[attr-defined]
@@ -49,11 +43,13 @@ async def test_the_upstream_is_connected_at_the_first_command(
 async def test_deferred_connect_with_xclient_sends_the_first_command() -> None:
     # Before: the upstream's greeting after XCLIENT was consumed, the client's
     # EHLO waited in the session and nothing sent it: 421 after the timeout.
-    from test_starttls_trio import Replies, _harness
-
-    async with _harness(
-        {"upstream_identity": "xclient", "upstream_connect": "on_command"},
+    async with session(
+        ScriptedUpstream(auth=True),
+        peer="127.0.0.1:4242",
+        client_host="127.0.0.1",
         client_addr=("192.0.2.7", 4242),
+        upstream_identity="xclient",
+        upstream_connect="on_command",
     ) as h:
         replies = Replies(h.client)
         assert await replies.one() == b"220 guard.test ESMTP\r\n"

@@ -131,10 +131,11 @@ def test_systemd_unit_runs_reloads_and_notifies_like_smtpguard() -> None:
         if Path(words[0]).name == "smtpguard":
             assert words[0] == argv[0] and words[1:] == ["check", "--config", CONFIG_PATH]
     cli = (ROOT / "smtpguard" / "cli.py").read_text()
+    service_py = (ROOT / "smtpguard" / "service.py").read_text()
     [kind] = service["Type"]
     if kind == "notify":
         # Type=notify without READY=1 would time out every start.
-        assert "NOTIFY_SOCKET" in cli and "READY=1" in cli
+        assert "NOTIFY_SOCKET" in service_py and "READY=1" in cli
     else:
         assert kind in ("simple", "exec"), kind
     # The stop timeout leaves room for smtpguard's shutdown grace (default 30 s) + 15 s.

@@ -13,8 +13,8 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
-from test_proxy import FakeUpstream, make_proxy
+from support.driver import open_session
+from support.upstream import BDAT, DATA_END, DEFAULT, Conversation, ScriptedUpstream
 
 from smtpguard.protocol import Session, SessionOptions
 from smtpguard.protocol.policy import Policy
@@ -70,55 +70,24 @@ def well_formed(data: bytes) -> bool:
     return True
 
 
-class StrictUpstream:
-    """Answers every line with 250 (354 after DATA) and records what it got."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.in_data = False
-        self.chunk = 0
-        self.out = bytearray(b"220 up ESMTP\r\n")
-        self.messages = 0
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data
-        while True:
-            if self.chunk:
-                n = min(self.chunk, len(self.buf))
-                del self.buf[:n]
-                self.chunk -= n
-                if self.chunk:
-                    return
-                self.out += b"250 chunk\r\n"
-                continue
-            if self.in_data:
-                end = self.buf.find(b"\r\n.\r\n")
-                if end < 0:
-                    return
-                del self.buf[: end + 5]
-                self.in_data = False
-                self.messages += 1
-                self.out += b"250 queued\r\n"
-                continue
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                return
-            line = bytes(self.buf[:end])
-            del self.buf[: end + 2]
-            verb = line.split(b" ")[0].upper()
-            if verb == b"EHLO":
-                self.out += b"250-up\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 SIZE 100\r\n"
-            elif verb == b"DATA":
-                self.in_data = True
-                self.out += b"354 go\r\n"
-            elif verb == b"BDAT":
-                self.chunk = int(line.split()[1])
-                if not self.chunk:
-                    self.out += b"250 chunk\r\n"
-            elif verb == b"QUIT":
-                self.out += b"221 bye\r\n"
-            else:
-                self.out += b"250 ok\r\n"
+def hostile_upstream() -> Conversation:
+    """Answers every line (354 after DATA, chunks and bodies too) and counts
+    the messages its own DATA framing saw; sans-I/O."""
+    return ScriptedUpstream(
+        greeting=b"220 up ESMTP",
+        name=b"up",
+        chunking=True,
+        keywords=(b"SIZE 100",),
+        replies={
+            DEFAULT: b"250 ok",
+            b"DATA": b"354 go",
+            DATA_END: b"250 queued",
+            BDAT: b"250 chunk",
+            b"QUIT": b"221 bye",
+            b"XCLIENT": b"250 ok",
+            b"STARTTLS": b"250 ok",
+        },
+    ).conversation()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,7 +97,7 @@ def test_core_survives_hostile_input(
 ) -> None:
     stream = b"".join(pieces)
     session = Session(SessionOptions(policy=policy, max_line_bytes=64, max_sasl_line_bytes=128))
-    upstream = StrictUpstream()
+    upstream = hostile_upstream()
     to_client = bytearray()
     greeted = data.draw(st.booleans())
     if greeted:
@@ -161,24 +130,13 @@ def test_core_survives_hostile_input(
     assert upstream.messages <= stream.count(b"\r\n.\r\n") + 1
 
 
-async def _drive(soup: bytes, step: int) -> tuple[bytes, FakeUpstream]:
-    registry = CollectorRegistry()
-    client, proxy_side = trio.testing.memory_stream_pair()
-    up_proxy_side, up_side = trio.testing.memory_stream_pair()
-    upstream = FakeUpstream(up_side)
+async def _drive(soup: bytes, step: int) -> tuple[bytes, ScriptedUpstream]:
     out = bytearray()
     async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            nursery.start_soon(upstream.run)
-            return up_proxy_side
-
-        proxy = make_proxy(
-            registry,
-            connect,
-            timeouts={"client_command_seconds": 60, "command_reply_seconds": 60},
+        h = await open_session(
+            nursery, timeouts={"client_command_seconds": 60, "command_reply_seconds": 60}
         )
-        nursery.start_soon(proxy.handle, proxy_side)
+        client = h.client
 
         async def send() -> None:
             try:
@@ -192,7 +150,7 @@ async def _drive(soup: bytes, step: int) -> tuple[bytes, FakeUpstream]:
         while chunk := await client.receive_some(65536):
             out += chunk
         nursery.cancel_scope.cancel()
-    return bytes(out), upstream
+    return bytes(out), h.upstream
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -3,187 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
-
-from smtpguard.config import load
-from smtpguard.metrics import Metrics
-from smtpguard.proxy import Proxy
-
-
-class FakeUpstream:
-    """A scripted SMTP upstream on a memory stream that records what it got.
-
-    No STARTTLS of its own (smtpguard must never forward one: it gets a 454);
-    XCLIENT is answered with a fresh greeting, as Postfix does.
-    """
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        pipelining: bool = True,
-        auth: bool = False,
-        chunking: bool = False,
-    ) -> None:
-        self.stream = stream
-        self.chunking = chunking  # offer CHUNKING; BDAT chunks answered 250 (or refused)
-        self.refuse_chunks = False  # answer every BDAT chunk 551, as Postfix a null one
-        self.received = bytearray()
-        self.lines: list[bytes] = []
-        self.bodies: list[bytes] = []  # each DATA body, up to the CRLF before the dot
-        self.pipelining = pipelining
-        self.auth = auth  # offer AUTH PLAIN in the EHLO reply
-        self.closed = trio.Event()
-        self.silent = False  # stop answering (for timeouts)
-        self.close_after: bytes | None = None  # close when this line arrives
-
-    @property
-    def verbs(self) -> list[bytes]:
-        return [line.split(b" ")[0].upper() for line in self.lines]
-
-    async def run(self) -> None:
-        buf = bytearray()
-        in_data = False
-        chunk_left = -1  # bytes of a BDAT chunk still to come (-1: none)
-        try:
-            await self.stream.send_all(b"220 fake ESMTP\r\n")
-            while True:
-                chunk = await self.stream.receive_some(65536)
-                if not chunk:
-                    break
-                self.received += chunk
-                buf += chunk
-                while True:
-                    if chunk_left >= 0:
-                        taken = min(chunk_left, len(buf))
-                        del buf[:taken]
-                        chunk_left -= taken
-                        if chunk_left:
-                            break
-                        chunk_left = -1
-                        await self.stream.send_all(
-                            b"551 5.7.1 chunk refused\r\n"
-                            if self.refuse_chunks
-                            else b"250 2.0.0 chunk ok\r\n"
-                        )
-                        continue
-                    if in_data:
-                        end = buf.find(b"\r\n.\r\n")
-                        if end < 0:
-                            break
-                        self.bodies.append(bytes(buf[: end + 2]))
-                        del buf[: end + 5]
-                        in_data = False
-                        await self.stream.send_all(b"250 2.0.0 queued\r\n")
-                        continue
-                    end = buf.find(b"\r\n")
-                    if end < 0:
-                        break
-                    line = bytes(buf[:end])
-                    del buf[: end + 2]
-                    self.lines.append(line)
-                    if line == self.close_after:
-                        await self.stream.aclose()
-                        return
-                    if self.silent:
-                        continue
-                    verb = line.split(b" ")[0].upper()
-                    if verb == b"BDAT":
-                        chunk_left = int(line.split(b" ")[1])
-                        continue
-                    await self._answer(verb)
-                    if verb == b"DATA":
-                        in_data = True
-                    elif verb == b"QUIT":
-                        return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.closed.set()
-
-    async def _answer(self, verb: bytes) -> None:
-        if verb == b"EHLO":
-            caps = b"250-PIPELINING\r\n" if self.pipelining else b""
-            caps += b"250-AUTH PLAIN\r\n" if self.auth else b""
-            caps += b"250-CHUNKING\r\n" if self.chunking else b""
-            await self.stream.send_all(b"250-fake\r\n" + caps + b"250 ENHANCEDSTATUSCODES\r\n")
-        elif verb == b"DATA":
-            await self.stream.send_all(b"354 go ahead\r\n")
-        elif verb == b"XCLIENT":
-            await self.stream.send_all(b"220 fake ESMTP after XCLIENT\r\n")
-        elif verb == b"STARTTLS":
-            await self.stream.send_all(b"454 4.7.0 upstream must never see this\r\n")
-        elif verb == b"QUIT":
-            await self.stream.send_all(b"221 2.0.0 bye\r\n")
-            await self.stream.aclose()
-        else:
-            await self.stream.send_all(b"250 2.0.0 ok\r\n")
-
-
-def make_proxy(
-    registry: CollectorRegistry, connect: Callable[[], Awaitable[trio.abc.Stream]], **raw: object
-) -> Proxy:
-    # The upstream's own greeting is relayed (these tests check it); deferred
-    # connect, the default, has tests of its own (test_deferred_connect.py).
-    base = {"upstream": "127.0.0.1:25", "hostname": "guard.test", "upstream_connect": "on_accept"}
-    config = load({**base, **raw})
-    return Proxy(config, Metrics(registry), connect=connect)
-
-
-async def read_replies(stream: trio.abc.Stream, n: int) -> list[bytes]:
-    """Read until ``n`` complete replies arrived (multi-line joined)."""
-    buf = b""
-    replies: list[bytes] = []
-    current = b""
-    while len(replies) < n:
-        chunk = await stream.receive_some(65536)
-        assert chunk, f"closed after {replies!r}"
-        buf += chunk
-        while b"\r\n" in buf:
-            line, buf = buf.split(b"\r\n", 1)
-            current += line + b"\r\n"
-            if line[3:4] != b"-":
-                replies.append(current)
-                current = b""
-    return replies
-
-
-async def read_to_eof(stream: trio.abc.Stream) -> bytes:
-    data = b""
-    while chunk := await stream.receive_some(65536):
-        data += chunk
-    return data
-
-
-async def start(
-    nursery: trio.Nursery, pipelining: bool = True, chunking: bool = False, **raw: object
-) -> tuple[trio.abc.Stream, FakeUpstream, CollectorRegistry]:
-    registry = CollectorRegistry()
-    client, proxy_side = trio.testing.memory_stream_pair()
-    up_proxy_side, up_side = trio.testing.memory_stream_pair()
-    upstream = FakeUpstream(up_side, pipelining, chunking=chunking)
-
-    async def connect() -> trio.abc.Stream:
-        nursery.start_soon(upstream.run)
-        return up_proxy_side
-
-    proxy = make_proxy(registry, connect, **raw)
-    nursery.start_soon(proxy.handle, proxy_side)
-    return client, upstream, registry
-
-
-def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    v = registry.get_sample_value(name, labels)
-    return 0.0 if v is None else v
+from support.driver import make_proxy, open_session, read_replies, read_to_eof, value
+from support.upstream import ScriptedUpstream
 
 
 async def test_pipelined_batch_gets_ordered_replies_and_upstream_never_sees_violation() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream, registry = h.client, h.upstream, h.registry
         assert await read_replies(client, 1) == [b"220 fake ESMTP\r\n"]
         await client.send_all(
             b"EHLO c\r\nRCPT TO:<early@x>\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n"
@@ -213,7 +45,8 @@ async def test_pipelined_batch_gets_ordered_replies_and_upstream_never_sees_viol
 
 async def test_trickled_bytes_one_at_a_time() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, _ = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream = h.client, h.upstream
         await read_replies(client, 1)
         script = b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n"
         for byte in script:
@@ -229,7 +62,8 @@ async def test_trickled_bytes_one_at_a_time() -> None:
 
 async def test_client_idle_timeout_gives_421(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery, timeouts={"client_command_seconds": 300})
+        h = await open_session(nursery, timeouts={"client_command_seconds": 300})
+        client, registry = h.client, h.registry
         await read_replies(client, 1)
         start_time = trio.current_time()
         rest = await read_to_eof(client)
@@ -242,7 +76,8 @@ async def test_slowloris_is_cut_off_by_the_per_command_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, _ = await start(nursery, timeouts={"client_command_seconds": 300})
+        h = await open_session(nursery, timeouts={"client_command_seconds": 300})
+        client, upstream = h.client, h.upstream
         await read_replies(client, 1)
         start_time = trio.current_time()
 
@@ -265,7 +100,8 @@ async def test_slowloris_is_cut_off_by_the_per_command_deadline(
 
 async def test_upstream_reply_timeout_gives_421(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery, timeouts={"command_reply_seconds": 50})
+        h = await open_session(nursery, timeouts={"command_reply_seconds": 50})
+        client, upstream, registry = h.client, h.upstream, h.registry
         await read_replies(client, 1)
         await client.send_all(b"EHLO c\r\n")
         await read_replies(client, 1)
@@ -282,9 +118,10 @@ async def test_long_data_reply_wait_does_not_trip_the_client_timeout(
 ) -> None:
     """While the upstream owes a reply the client is not idle (RFC 5321 4.5.3.2)."""
     async with trio.open_nursery() as nursery:
-        client, upstream, _ = await start(
+        h = await open_session(
             nursery, timeouts={"client_command_seconds": 10, "command_reply_seconds": 100}
         )
+        client, upstream = h.client, h.upstream
         await read_replies(client, 1)
         await client.send_all(b"EHLO c\r\n")
         await read_replies(client, 1)
@@ -305,11 +142,12 @@ async def test_a_client_silent_inside_a_bdat_chunk_gets_the_client_timeout(
     used to wait for data_end_seconds and blame the upstream)."""
     for announce in (b"BDAT 1000\r\nSubject: x\r\n", b"BDAT 1000 LAST\r\n"):
         async with trio.open_nursery() as nursery:
-            client, upstream, registry = await start(
+            h = await open_session(
                 nursery,
-                chunking=True,
+                ScriptedUpstream(chunking=True),
                 timeouts={"client_data_seconds": 60, "data_end_seconds": 600},
             )
+            client, registry = h.client, h.registry
             await read_replies(client, 1)
             await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\n" + announce)
             assert b"CHUNKING" in (await read_replies(client, 3))[0]
@@ -326,7 +164,8 @@ async def test_after_a_refused_bdat_chunk_rcpt_and_data_are_answered_locally() -
     whatever the reply ("need MAIL command"). The upstream sees no command out
     of sequence (found by fuzzing against Postfix: they used to be forwarded)."""
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery, chunking=True)
+        h = await open_session(nursery, ScriptedUpstream(chunking=True))
+        client, upstream, registry = h.client, h.upstream, h.registry
         upstream.refuse_chunks = True
         await read_replies(client, 1)
         await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT 3\r\nabc")
@@ -371,7 +210,8 @@ async def test_upstream_unreachable_gives_421_and_is_counted() -> None:
 
 async def test_upstream_closing_mid_session_gives_421() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream, registry = h.client, h.upstream, h.registry
         await read_replies(client, 1)
         upstream.close_after = b"MAIL FROM:<a@x>"
         await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\n")
@@ -382,7 +222,8 @@ async def test_upstream_closing_mid_session_gives_421() -> None:
 
 async def test_client_vanishing_mid_data_never_completes_the_message() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream, registry = h.client, h.upstream, h.registry
         await read_replies(client, 1)
         await client.send_all(b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nDATA\r\n")
         await read_replies(client, 4)
@@ -399,7 +240,8 @@ async def test_client_vanishing_mid_data_never_completes_the_message() -> None:
 
 async def test_serial_upstream_receives_one_command_at_a_time() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, _ = await start(nursery, pipelining=False)
+        h = await open_session(nursery, ScriptedUpstream(pipelining=False))
+        client, upstream = h.client, h.upstream
         await read_replies(client, 1)
         await client.send_all(b"EHLO c\r\n")
         ehlo = (await read_replies(client, 1))[0]
@@ -413,7 +255,8 @@ async def test_serial_upstream_receives_one_command_at_a_time() -> None:
 
 async def test_garbage_from_client_never_crashes_and_gets_replies() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, _ = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream = h.client, h.upstream
         await read_replies(client, 1)
         await client.send_all(b"\x00\xff\xfe\r\nWIBBLE / x\r\n\r\n" + b"X" * 100000 + b"\r\n")
         replies = await read_replies(client, 4)
@@ -425,7 +268,8 @@ async def test_garbage_from_client_never_crashes_and_gets_replies() -> None:
 
 async def test_http_request_is_dropped_without_bothering_the_upstream() -> None:
     async with trio.open_nursery() as nursery:
-        client, upstream, registry = await start(nursery)
+        h = await open_session(nursery)
+        client, upstream, registry = h.client, h.upstream, h.registry
         await read_replies(client, 1)
         await client.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         out = await read_to_eof(client)
@@ -448,7 +292,8 @@ async def test_a_failing_summary_line_ends_only_its_own_session(
     monkeypatch.setattr("smtpguard.summary.SessionSummary.fields", broken)
     caplog.set_level(logging.INFO, logger="smtpguard")
     async with trio.open_nursery() as nursery:
-        client, _, _ = await start(nursery)
+        h = await open_session(nursery)
+        client = h.client
         await read_replies(client, 1)
         await client.send_all(b"QUIT\r\n")
         assert (await read_replies(client, 1))[0].startswith(b"221")

@@ -15,7 +15,8 @@ import hashlib
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
-from test_proxy import read_replies
+from support.driver import read_replies
+from support.upstream import DATA_END, ScriptedUpstream
 
 from smtpguard.config import load
 from smtpguard.metrics import Metrics
@@ -30,45 +31,16 @@ def make_body() -> bytes:
     return body + b"\r\n"  # ends in CRLF: the final dot follows
 
 
-class SlowUpstream:
-    """An SMTP upstream on a real socket that reads message bodies slowly."""
-
-    def __init__(self) -> None:
-        self.digests: list[str] = []
-        self.sizes: list[int] = []
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        buf = bytearray()
-        await stream.send_all(b"220 slow ESMTP\r\n")
-        while True:
-            while b"\r\n" not in buf:
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            line, _, rest = bytes(buf).partition(b"\r\n")
-            buf = bytearray(rest)
-            verb = line.split(b" ")[0].upper()
-            if verb == b"EHLO":
-                await stream.send_all(b"250-slow\r\n250 PIPELINING\r\n")
-            elif verb == b"DATA":
-                await stream.send_all(b"354 go ahead\r\n")
-                while (end := buf.find(b"\r\n.\r\n")) < 0:
-                    await trio.sleep(0.001)  # a slow reader: small reads, pauses
-                    chunk = await stream.receive_some(16384)
-                    if not chunk:
-                        return
-                    buf += chunk
-                body = bytes(buf[: end + 2])
-                del buf[: end + 5]
-                self.digests.append(hashlib.sha256(body).hexdigest())
-                self.sizes.append(len(body))
-                await stream.send_all(b"250 2.0.0 queued as STREAM\r\n")
-            elif verb == b"QUIT":
-                await stream.send_all(b"221 2.0.0 bye\r\n")
-                return
-            else:
-                await stream.send_all(b"250 2.0.0 ok\r\n")
+def slow_upstream() -> ScriptedUpstream:
+    """An upstream that reads message bodies slowly: small reads, pauses."""
+    return ScriptedUpstream(
+        greeting=b"220 slow ESMTP",
+        name=b"slow",
+        keywords=(),
+        replies={DATA_END: b"250 2.0.0 queued as STREAM"},
+        read_bytes=16384,
+        body_read_pause_seconds=0.001,
+    )
 
 
 async def test_a_large_message_streams_through_real_sockets_intact(
@@ -85,18 +57,20 @@ async def test_a_large_message_streams_through_real_sockets_intact(
     # smtpguard's _send looks it up at call time; trio's own sockets do not.
     monkeypatch.setattr(trio.lowlevel, "wait_writable", counting_wait_writable)
 
-    upstream = SlowUpstream()
+    upstream = slow_upstream()
     body = make_body()
     with trio.fail_after(60):
         await _stream(upstream, body)
 
-    assert upstream.sizes == [len(body)]
-    assert upstream.digests == [hashlib.sha256(body).hexdigest()]
+    assert [len(b) for b in upstream.bodies] == [len(body)]
+    assert [hashlib.sha256(b).hexdigest() for b in upstream.bodies] == [
+        hashlib.sha256(body).hexdigest()
+    ]
     # The slow reader filled smtpguard's socket buffer: its sends had to wait.
     assert waits > 0
 
 
-async def _stream(upstream: SlowUpstream, body: bytes) -> None:
+async def _stream(upstream: ScriptedUpstream, body: bytes) -> None:
     async with trio.open_nursery() as nursery:
         up_listeners = await nursery.start(
             functools.partial(trio.serve_tcp, upstream.handle, 0, host="127.0.0.1")
@@ -130,26 +104,12 @@ async def _stream(upstream: SlowUpstream, body: bytes) -> None:
         nursery.cancel_scope.cancel()
 
 
-class NamedUpstream:
-    """An upstream that greets with its own name and answers QUIT."""
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-        self.sessions = 0
-
-    async def handle(self, stream: trio.SocketStream) -> None:
-        self.sessions += 1
-        await stream.send_all(b"220 " + self.name + b" ESMTP\r\n")
-        data = b""
-        while b"QUIT\r\n" not in data:
-            chunk = await stream.receive_some(4096)
-            if not chunk:
-                return
-            data += chunk
-        await stream.send_all(b"221 2.0.0 bye\r\n")
+def named_upstream(name: bytes) -> ScriptedUpstream:
+    """An upstream that greets with its own name (and answers QUIT)."""
+    return ScriptedUpstream(greeting=b"220 " + name + b" ESMTP")
 
 
-async def serve_upstreams(nursery: trio.Nursery, *upstreams: NamedUpstream) -> list[int]:
+async def serve_upstreams(nursery: trio.Nursery, *upstreams: ScriptedUpstream) -> list[int]:
     """Serve each upstream on a free loopback port; their ports, in order."""
     ports = []
     for upstream in upstreams:
@@ -164,7 +124,7 @@ async def test_each_listener_fails_over_over_its_own_upstreams() -> None:
     """``listen: [{address, upstream: [...]}]``: a listener with its own
     upstream list uses it (failing over past a dead one); the others use the
     global list; ``smtpguard_upstream_up`` has one series per address."""
-    alpha, beta = NamedUpstream(b"alpha"), NamedUpstream(b"beta")
+    alpha, beta = named_upstream(b"alpha"), named_upstream(b"beta")
     dead = trio.socket.socket()
     await dead.bind(("127.0.0.1", 0))  # bound, never listening: refused
     dead_port = dead.getsockname()[1]
@@ -216,7 +176,7 @@ async def test_a_backup_upstream_never_tried_has_no_health_series() -> None:
     """Ordered failover with a healthy first upstream: the second is never
     connected to, so it has no ``smtpguard_upstream_up`` series (not a 0 that
     would read as "down" on the dashboard and in the failover alert)."""
-    primary, backup = NamedUpstream(b"primary"), NamedUpstream(b"backup")
+    primary, backup = named_upstream(b"primary"), named_upstream(b"backup")
     registry = CollectorRegistry()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:

@@ -8,100 +8,24 @@ commands sent after TLS before the new EHLO.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 import trio
-import trio.testing
-from prometheus_client import CollectorRegistry
+from support.driver import Harness, Replies, session
 from support.tls import TLSFiles
-from test_proxy import FakeUpstream
+from support.upstream import ScriptedUpstream
 
-from smtpguard.config import load
-from smtpguard.metrics import Metrics
-from smtpguard.proxy import Proxy
-
-
-class Replies:
-    """Reads SMTP replies from a stream, keeping what it read beyond the last one."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = b""
-
-    async def read(self, n: int = 1) -> list[bytes]:
-        replies: list[bytes] = []
-        current = b""
-        while len(replies) < n:
-            while b"\r\n" not in self.buf:
-                chunk = await self.stream.receive_some(65536)
-                assert chunk, f"closed after {replies!r} + {current!r}"
-                self.buf += chunk
-            line, self.buf = self.buf.split(b"\r\n", 1)
-            current += line + b"\r\n"
-            if line[3:4] != b"-":
-                replies.append(current)
-                current = b""
-        return replies
-
-    async def one(self) -> bytes:
-        return (await self.read(1))[0]
-
-
-@dataclass
-class Harness:
-    client: trio.abc.Stream
-    upstream: FakeUpstream
-    registry: CollectorRegistry
-    handled: trio.Event
-
-    def value(self, name: str, **labels: str) -> float:
-        v = self.registry.get_sample_value(name, labels)
-        return 0.0 if v is None else v
-
-
-@contextlib.asynccontextmanager
-async def _harness(
-    raw: dict[str, object], client_addr: tuple[str, int] | None = None
-) -> AsyncIterator[Harness]:
-    """smtpguard's ``handle`` on a memory stream with the config ``raw`` and a FakeUpstream."""
-    base = {"upstream": "127.0.0.1:25", "hostname": "guard.test", "upstream_connect": "on_accept"}
-    config = load({**base, **raw})
-    registry = CollectorRegistry()
-    client, proxy_side = trio.testing.memory_stream_pair()
-    up_proxy_side, up_side = trio.testing.memory_stream_pair()
-    upstream = FakeUpstream(up_side, auth=True)
-    handled = trio.Event()
-    async with trio.open_nursery() as nursery:
-
-        async def connect() -> trio.abc.Stream:
-            nursery.start_soon(upstream.run)
-            return up_proxy_side
-
-        proxy = Proxy(config, Metrics(registry), connect=connect)
-
-        async def handle() -> None:
-            try:
-                await proxy.handle(
-                    proxy_side, "127.0.0.1:4242", "127.0.0.1", client_addr=client_addr
-                )
-            finally:
-                handled.set()
-
-        nursery.start_soon(handle)
-        with trio.fail_after(30):
-            yield Harness(client, upstream, registry, handled)
-            await handled.wait()
-        nursery.cancel_scope.cancel()
+#: Where the client is, as a listener would say.
+CLIENT = {"peer": "127.0.0.1:4242", "client_host": "127.0.0.1"}
 
 
 @pytest.fixture
 async def harness(tls_files: TLSFiles) -> AsyncIterator[Harness]:
     tls = {"certificate": str(tls_files.cert), "key": str(tls_files.key)}
-    async with _harness({"tls": tls, "timeouts": {"client_command_seconds": 20}}) as h:
+    config = {"tls": tls, "timeouts": {"client_command_seconds": 20}}
+    async with session(ScriptedUpstream(auth=True), **CLIENT, **config) as h:
         yield h
 
 
@@ -271,7 +195,12 @@ async def test_summary_keeps_tls_protocol_when_the_client_vanishes(
 
 async def test_xclient_identity_greeting_reaches_the_client() -> None:
     """upstream_identity: xclient: the greeting the upstream sends after XCLIENT is relayed."""
-    async with _harness({"upstream_identity": "xclient"}, client_addr=("192.0.2.7", 4242)) as h:
+    async with session(
+        ScriptedUpstream(auth=True),
+        **CLIENT,
+        client_addr=("192.0.2.7", 4242),
+        upstream_identity="xclient",
+    ) as h:
         replies = Replies(h.client)
         with trio.move_on_after(5) as scope:
             greeting = await replies.one()

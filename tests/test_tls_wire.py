@@ -5,13 +5,15 @@ Python's ``ssl`` with memory BIOs, so every byte smtpguard sends is seen."""
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 
 import pytest
 import trio
 import trio.testing
+from support.driver import Harness, Replies, read_to_eof, session
 from support.tls import TLSFiles
-from test_starttls_trio import Harness, Replies, _harness
+from support.upstream import ScriptedUpstream
 
 TLS_ALERT = 21
 PROTOCOL_VERSION = 70
@@ -26,13 +28,6 @@ async def _after_220(h: Harness) -> Replies:
     await h.client.send_all(b"STARTTLS\r\n")
     assert await plain.one() == b"220 2.0.0 Ready to start TLS\r\n"
     return plain
-
-
-async def _rest(stream: trio.abc.Stream) -> bytes:
-    data = b""
-    while chunk := await stream.receive_some(65536):
-        data += chunk
-    return data
 
 
 def _alerts(data: bytes) -> list[tuple[int, int]]:
@@ -72,9 +67,16 @@ def _cbc_only() -> ssl.SSLContext:
     return context
 
 
-def _config(tls_files: TLSFiles) -> dict[str, object]:
+def _session(tls_files: TLSFiles) -> contextlib.AbstractAsyncContextManager[Harness]:
+    """A session with STARTTLS offered, from a client at 127.0.0.1:4242."""
     tls = {"certificate": str(tls_files.cert), "key": str(tls_files.key)}
-    return {"tls": tls, "timeouts": {"client_command_seconds": 20}}
+    return session(
+        ScriptedUpstream(auth=True),
+        peer="127.0.0.1:4242",
+        client_host="127.0.0.1",
+        tls=tls,
+        timeouts={"client_command_seconds": 20},
+    )
 
 
 @pytest.mark.parametrize(
@@ -89,10 +91,10 @@ async def test_a_refused_handshake_ends_with_its_alert(
     tls_files: TLSFiles, context: object, description: int, reason: str
 ) -> None:
     # Before: a bare TCP close (trio drops the alert OpenSSL wrote).
-    async with _harness(_config(tls_files)) as h:
+    async with _session(tls_files) as h:
         await _after_220(h)
         await h.client.send_all(_client_hello(context()))  # type: ignore[operator]
-        reply = await _rest(h.client)
+        reply = await read_to_eof(h.client)
         await h.handled.wait()
         assert _alerts(reply) == [(2, description)]
         assert h.value("smtpguard_tls_handshake_failures_total", listener="starttls", reason=reason)
@@ -103,9 +105,9 @@ async def test_a_stalled_handshake_gets_no_plaintext_after_the_220(
     tls_files: TLSFiles, autojump_clock: trio.testing.MockClock
 ) -> None:
     # Before: "421 4.4.2 ... timeout exceeded" in plaintext, into a TLS stream.
-    async with _harness(_config(tls_files)) as h:
+    async with _session(tls_files) as h:
         plain = await _after_220(h)
-        assert await _rest(h.client) == b""
+        assert await read_to_eof(h.client) == b""
         assert plain.buf == b""
         await h.handled.wait()
         value = h.value(
@@ -117,19 +119,19 @@ async def test_a_stalled_handshake_gets_no_plaintext_after_the_220(
 async def test_the_upstream_leaving_during_the_handshake_sends_no_plaintext(
     tls_files: TLSFiles,
 ) -> None:
-    async with _harness(_config(tls_files)) as h:
+    async with _session(tls_files) as h:
         await _after_220(h)
         await h.upstream.stream.aclose()  # the upstream goes away mid-handshake
         await trio.sleep(0.1)
         # The client now sends its hello: it gets TLS or a close, never "421 ...".
         await h.client.send_all(_client_hello(_cbc_only()))
-        rest = await _rest(h.client)
+        rest = await read_to_eof(h.client)
         assert b"421" not in rest and not rest.startswith(b"4")
         await h.handled.wait()
 
 
 async def test_a_client_closing_mid_handshake_is_counted(tls_files: TLSFiles) -> None:
-    async with _harness(_config(tls_files)) as h:
+    async with _session(tls_files) as h:
         await _after_220(h)
         await h.client.send_all(_client_hello(_cbc_only())[:20])
         await h.client.aclose()
@@ -142,7 +144,7 @@ async def test_a_client_closing_mid_handshake_is_counted(tls_files: TLSFiles) ->
 
 async def test_quit_over_tls_ends_with_close_notify(tls_files: TLSFiles) -> None:
     # Before: a TCP close without close_notify (a "truncation" to the client).
-    async with _harness(_config(tls_files)) as h:
+    async with _session(tls_files) as h:
         await _after_220(h)
         tls = trio.SSLStream(h.client, tls_files.client_context(), server_hostname="localhost")
         await tls.do_handshake()

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
+from support.driver import Peer, policy_actions
+from support.ehlo import EHLO_AUTH, EHLO_SIZE
 
 from smtpguard.config import load
 from smtpguard.protocol import Session, SessionOptions
 from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.session import PolicyAction
-
-EHLO = b"250-up\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 ENHANCEDSTATUSCODES\r\n"
 
 
 def session(**policy: object) -> Session:
@@ -22,7 +24,7 @@ def session(**policy: object) -> Session:
 def ready(**policy: object) -> Session:
     s = session(**policy)
     s.receive_client(b"EHLO c\r\n")
-    s.receive_upstream(EHLO)
+    s.receive_upstream(EHLO_SIZE)
     s.take_client_bytes()
     s.take_upstream_bytes()
     return s
@@ -101,7 +103,7 @@ def test_pipelining_past_a_group_ender(action: str) -> None:
     s = session(pipelining=action)
     s.receive_client(b"EHLO c\r\nMAIL FROM:<a@b>\r\n")
     assert actions(s) == [("pipelining", action)]
-    s.receive_upstream(EHLO)
+    s.receive_upstream(EHLO_SIZE)
     up, down = s.take_upstream_bytes(), s.take_client_bytes()
     if action == "observe":
         assert up == b"EHLO c\r\nMAIL FROM:<a@b>\r\n"
@@ -204,7 +206,7 @@ def test_message_size_limit_declared_and_actual() -> None:
 def test_size_is_advertised_at_our_limit() -> None:
     s = session(max_message_bytes=1000)
     s.receive_client(b"EHLO c\r\n")
-    s.receive_upstream(EHLO)
+    s.receive_upstream(EHLO_SIZE)
     assert b"250-SIZE 1000\r\n" in s.take_client_bytes()
 
 
@@ -236,7 +238,7 @@ def test_observe_mode_counts_and_forwards_everything() -> None:
     s = Session(config.session)
     s.receive_upstream(b"220 up\r\n")
     s.receive_client(b"EHLO c\r\n")
-    s.receive_upstream(EHLO)
+    s.receive_upstream(EHLO_SIZE)
     s.receive_client(b"RCPT TO:<a@b>\r\n")
     s.receive_upstream(b"503 no\r\n")
     s.receive_client(b"MAIL FROM:<a@b>\r\n")
@@ -274,3 +276,72 @@ def test_text_line_length_limit(chunks: list[bytes]) -> None:
     in_data(ok)
     ok.receive_client(b"a" * 500 + b"\r\n" + b"b" * 998 + b"\r\n.\r\n")
     assert not ok.closed and ok.take_upstream_bytes().endswith(b"\r\n.\r\n")
+
+
+def test_hard_error_limit_reached_while_a_command_is_held_still_ends_the_session() -> None:
+    # Postfix's smtpd_hard_error_limit: once reached, 421 and disconnect.  Here
+    # the limit is reached by the upstream's 550 to a pipelined MAIL while the
+    # RCPT behind it is held (its verdict depended on that reply).
+    # _end_after_replies sets _final, and from then on _process_client never
+    # decides the held RCPT (its loop stops on `_final is not None`) while
+    # _maybe_finish waits for `_held is None`: nothing ever happens again, the
+    # 421 is never sent and the session hangs until the client timeout.
+    p = Peer(policy=Policy(hard_error_limit=1))
+    p.ready(EHLO_AUTH)
+    up, _ = p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
+    assert up == b"MAIL FROM:<a@b>\r\n"
+    up, down = p.upstream(b"550 5.7.1 sender rejected\r\n")
+    assert b"RCPT" not in up  # never out of sequence (the MAIL was refused)
+    assert down.startswith(b"550 5.7.1 sender rejected\r\n")
+    assert down.endswith(b"421 4.7.0 smtpguard Error: too many errors\r\n")
+    assert p.s.closed and p.s.close_reason == "policy"
+
+
+def test_a_held_command_reports_its_policy_action_once() -> None:
+    # Serial upstream (no PIPELINING upstream), observe-mode limits: a MAIL
+    # whose SIZE is above the limit is reported by _mail_size_ok inside
+    # _decide, which then holds the MAIL (RSET still in flight).  Every
+    # re-decision of the held command (once more in the same _process_client
+    # loop, once per upstream reply) reports it again: 3 events for one
+    # command, so smtpguard_policy_actions_total overcounts.  The same root
+    # cause (side effects in _decide before a hold) duplicates Violation
+    # events for a STARTTLS held in observe mode and the recipients limit.
+    p = Peer(
+        upstream_pipelining=False,
+        policy=Policy(max_message_bytes=100, observe_limits=True),
+    )
+    p.ready(EHLO_AUTH)
+    p.s.take_events()
+    up, _ = p.client(b"RSET\r\nMAIL FROM:<a@b> SIZE=500\r\n")
+    assert up == b"RSET\r\n"
+    up, _ = p.upstream(b"250 2.0.0 Ok\r\n")
+    assert up == b"MAIL FROM:<a@b> SIZE=500\r\n"
+    assert len(policy_actions(p.s.take_events(), Defence.MESSAGE_SIZE)) == 1
+
+
+def test_observe_mode_violations_do_not_grow_memory_without_bound() -> None:
+    # _violations keeps one "VERB@phase" string per violation for the whole
+    # session, although only their number and their (at most 20 shown) kinds
+    # are ever used.  In observe mode (limits observed too) nothing ends a
+    # session that keeps violating, so memory grows with every command
+    # (~70 bytes each: 20000 violations cost ~1.4 MB).  Expected: a counter
+    # and a bounded set of kinds.
+    policy = Policy(sequence="observe", observe_limits=True)
+    p = Peer(policy=policy, annotate="violations")
+    p.ready(EHLO_AUTH)
+
+    def violate(n: int) -> None:
+        for _ in range(n):
+            p.client(b"RCPT TO:<a@b>\r\n")
+            p.upstream(b"503 5.5.1 Error: need MAIL command\r\n")
+            p.s.take_events()
+
+    violate(2000)  # warm caches
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        violate(20000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, grown

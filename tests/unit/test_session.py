@@ -3,38 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from support.driver import Peer
+from support.ehlo import EHLO_AUTH, EHLO_FULL
 
-from smtpguard.protocol import Session, SessionOptions
 from smtpguard.protocol.rules import Phase, Verb
 from smtpguard.protocol.session import LocalReply, MessageDone, Violation
-
-EHLO_REPLY = (
-    b"250-up.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n250-XCLIENT NAME ADDR\r\n250-CHUNKING\r\n250-AUTH PLAIN\r\n"
-    b"250 8BITMIME\r\n"
-)
-
-
-class Peer:
-    """Drives a session: returns what each side would receive."""
-
-    def __init__(self, **options: object) -> None:
-        self.s = Session(SessionOptions(**options))  # type: ignore[arg-type]
-
-    def client(self, data: bytes) -> tuple[bytes, bytes]:
-        self.s.receive_client(data)
-        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
-
-    def upstream(self, data: bytes) -> tuple[bytes, bytes]:
-        self.s.receive_upstream(data)
-        return self.s.take_upstream_bytes(), self.s.take_client_bytes()
-
-    def ready(self, ehlo_reply: bytes = EHLO_REPLY) -> None:
-        """Greeted and EHLO done."""
-        assert self.upstream(b"220 up ESMTP\r\n") == (b"", b"220 up ESMTP\r\n")
-        assert self.client(b"EHLO c\r\n")[0] == b"EHLO c\r\n"
-        self.upstream(ehlo_reply)
-        assert self.s.state.phase is Phase.READY
 
 
 def test_nothing_is_forwarded_before_the_greeting() -> None:
@@ -63,7 +36,7 @@ def test_ehlo_keywords_filtered_and_enhanced_codes_used() -> None:
     p = Peer(discard_keywords=frozenset({"SIZE"}))
     p.upstream(b"220 up\r\n")
     p.client(b"EHLO c\r\n")
-    _, down = p.upstream(EHLO_REPLY)
+    _, down = p.upstream(EHLO_FULL)
     assert down == (
         b"250-up.example\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n"
         b"250-CHUNKING\r\n250 8BITMIME\r\n"
@@ -285,42 +258,8 @@ def test_pipelining_offered_but_upstream_serial_by_config() -> None:
     p = Peer(upstream_pipelining=False)
     p.upstream(b"220 up\r\n")
     p.client(b"EHLO c\r\n")
-    assert b"PIPELINING" in p.upstream(EHLO_REPLY)[1]
+    assert b"PIPELINING" in p.upstream(EHLO_FULL)[1]
     assert p.client(b"NOOP\r\nNOOP\r\n")[0] == b"NOOP\r\n"
-
-
-def test_bdat_chunks_are_relayed_byte_exact() -> None:
-    p = Peer()
-    p.ready()
-    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
-        p.client(line)
-        p.upstream(b"250 ok\r\n")
-    chunk1 = b"Subject: x\r\n\r\nQUIT\r\n.\r\n"
-    chunk2 = b"\x00\xffend\r\n"
-    data = b"BDAT %d\r\n" % len(chunk1) + chunk1 + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2
-    up, _ = p.client(data)
-    assert up == data
-    _, down = p.upstream(b"250 2.0.0 chunk\r\n250 2.0.0 queued\r\n")
-    assert down == b"250 2.0.0 chunk\r\n250 2.0.0 queued\r\n"
-    assert p.s.state.phase is Phase.READY
-
-
-def test_data_after_bdat_and_rejected_bdat_chunk_is_discarded() -> None:
-    p = Peer()
-    p.ready()
-    for line in (b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"):
-        p.client(line)
-        p.upstream(b"250 ok\r\n")
-    p.client(b"BDAT 3\r\nabc")
-    p.upstream(b"250 ok\r\n")
-    up, down = p.client(b"DATA\r\n")
-    assert up == b""
-    assert down.startswith(b"503 5.5.1 Error: DATA not allowed after BDAT")
-    q = Peer()
-    q.ready()
-    up, down = q.client(b"BDAT 9\r\nQUIT\r\nxyzNOOP\r\n")
-    assert up == b"NOOP\r\n"  # the 9-byte chunk was read and dropped
-    assert down == b"503 5.5.1 Error: need MAIL command\r\n"
 
 
 def test_auth_exchange_is_relayed_and_sequenced() -> None:
@@ -344,7 +283,7 @@ def test_auth_before_ehlo_and_in_transaction() -> None:
     p.upstream(b"220 up\r\n")
     assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == b"503 Error: send HELO/EHLO first\r\n"
     p.client(b"EHLO c\r\n")
-    p.upstream(EHLO_REPLY)
+    p.upstream(EHLO_FULL)
     p.client(b"MAIL FROM:<a@b>\r\n")
     p.upstream(b"250 ok\r\n")
     assert p.client(b"AUTH PLAIN AGFAYg==\r\n")[1] == (
@@ -378,6 +317,71 @@ def test_local_replies_pipelined_behind_ehlo_use_the_codes_it_negotiates() -> No
     p = Peer(help_local=True)
     p.upstream(b"220 up\r\n")
     assert p.client(b"EHLO c\r\nFOO\r\nHELP\r\n") == (b"EHLO c\r\n", b"")
-    _, down = p.upstream(EHLO_REPLY)
+    _, down = p.upstream(EHLO_FULL)
     assert b"500 5.5.2 Error: command not recognized\r\n" in down
     assert down.endswith(b"214 2.0.0 End of HELP info\r\n")
+
+
+def test_a_run_of_nuls_at_a_line_start_does_not_stall_the_body() -> None:
+    # Line mode (entered at the first NUL) holds back a line start made only
+    # of NULs ("could still become a lone dot").  The hold-back is unbounded:
+    # 64 KiB of NULs are all kept in _client_buf, wants_client_bytes turns
+    # False and the I/O layer stops reading, so the line break that would
+    # decide the line is never read: the session stalls until the data
+    # timeout.  Expected: bytes that cannot change the verdict any more are
+    # passed on (normalize drops NULs anyway; a dot added in front of a line
+    # that does not start with one is removed by the receiver's
+    # dot-unstuffing, RFC 5321 4.5.2), so the session keeps reading.
+    p = Peer()
+    p.ready(EHLO_AUTH)
+    p.envelope()
+    p.client(b"DATA\r\n")
+    p.upstream(b"354 go\r\n")
+    p.client(b"\0" * 70000)
+    assert p.s.wants_client_bytes
+    p.client(b"\r\n.\r\n")
+    assert p.s.awaiting_upstream  # the final dot went out
+    assert p.upstream(b"250 queued\r\n")[1] == b"250 queued\r\n"
+
+
+def test_half_close_after_a_pipelined_data_body_completes_it() -> None:
+    # Verified OK: DATA and a complete body pipelined before the 354, then
+    # EOF.  The body waits for the 354, then goes out; the client gets both
+    # replies and the session closes as client_closed.  A body cut short
+    # before the 354 is never completed.
+    p = Peer()
+    p.ready(EHLO_AUTH)
+    p.envelope()
+    assert p.client(b"DATA\r\nhi\r\n.\r\n")[0] == b"DATA\r\n"
+    p.s.client_eof()
+    up, down = p.upstream(b"354 go\r\n")
+    assert (up, down) == (b"hi\r\n.\r\n", b"354 go\r\n")
+    assert p.upstream(b"250 queued\r\n")[1] == b"250 queued\r\n"
+    assert p.s.closed and p.s.close_reason == "client_closed"
+
+    q = Peer()
+    q.ready(EHLO_AUTH)
+    q.envelope()
+    q.client(b"DATA\r\nhi\r\n.")
+    q.s.client_eof()
+    up, _ = q.upstream(b"354 go\r\n")
+    assert b"." not in up + q.s.take_upstream_bytes()
+    assert q.s.closed and q.s.close_reason == "client_closed"
+
+
+def test_backpressure_with_a_held_command() -> None:
+    # Verified OK: max_pipelined_commands=2 with RCPT held behind MAIL: the
+    # rest of the batch waits in the buffer and is released in order as
+    # replies drain; every command gets exactly one reply, in order.
+    p = Peer(max_pipelined_commands=2)
+    p.ready(EHLO_AUTH)
+    up, _ = p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nNOOP\r\nRCPT TO:<e@f>\r\nNOOP\r\n")
+    assert up == b"MAIL FROM:<a@b>\r\n"
+    replies = bytearray()
+    sent = bytearray()
+    for reply in (b"250 m\r\n", b"250 r1\r\n", b"250 n1\r\n", b"250 r2\r\n", b"250 n2\r\n"):
+        up, down = p.upstream(reply)
+        sent += up
+        replies += down
+    assert bytes(sent) == b"RCPT TO:<c@d>\r\nNOOP\r\nRCPT TO:<e@f>\r\nNOOP\r\n"
+    assert bytes(replies) == b"250 m\r\n250 r1\r\n250 n1\r\n250 r2\r\n250 n2\r\n"

@@ -20,6 +20,7 @@ import re
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.upstream import Body, Chunk, Framing
 
 from smtpguard.protocol import Session, SessionOptions
 from smtpguard.protocol.policy import Policy
@@ -71,13 +72,12 @@ class ModelUpstream:
     def __init__(self, draw: st.DrawFn, pipelining: bool) -> None:
         self.draw = draw
         self.pipelining = pipelining
-        self.buf = bytearray()
+        self.framing = Framing()  # bodies and chunks are framed as the kit does
         self.out = bytearray()  # replies not yet read by the session
         self.errors: list[str] = []
         self.helo = self.esmtp = self.mail = self.authed = self.bdat = False
         self.rcpts = 0
-        self.mode = "cmd"  # cmd | body | sasl | chunk
-        self.chunk_left = 0
+        self.sasl = False  # the next line is a SASL response
         self.chunk_last = False
         self.out += b"220 model ESMTP\r\n"
 
@@ -88,16 +88,9 @@ class ModelUpstream:
         self.out += text + b"\r\n"
 
     def feed(self, data: bytes) -> None:
-        self.buf += data
         commands_this_batch = 0
-        while True:
-            if self.mode == "chunk":
-                n = min(self.chunk_left, len(self.buf))
-                del self.buf[:n]
-                self.chunk_left -= n
-                if self.chunk_left:
-                    return
-                self.mode = "cmd"
+        for unit in self.framing.feed(data):
+            if isinstance(unit, Chunk):
                 # As Postfix: a refused chunk leaves the transaction in BDAT
                 # mode (failed: RCPT and DATA are out of sequence); LAST ends
                 # it whatever the reply.
@@ -105,32 +98,20 @@ class ModelUpstream:
                 if self.chunk_last:
                     self.mail, self.rcpts = False, 0
                 if self.ok():
-                    self.reply(b"250 echo %s" % self.chunk_line)
+                    self.reply(b"250 echo %s" % unit.line)
                 else:
-                    self.reply(b"554 echo %s" % self.chunk_line)
-                continue
-            if self.mode == "body":
-                end = self.buf.find(b"\r\n.\r\n")
-                if end < 0:
-                    return
-                del self.buf[: end + 5]
-                self.mode = "cmd"
+                    self.reply(b"554 echo %s" % unit.line)
+            elif isinstance(unit, Body):
                 self.mail, self.rcpts = False, 0
                 self.reply(b"250 echo END" if self.ok() else b"554 echo END")
-                continue
-            end = self.buf.find(b"\r\n")
-            if end < 0:
-                return
-            line = bytes(self.buf[:end])
-            del self.buf[: end + 2]
-            if self.mode == "sasl":
-                self.mode = "cmd"
-                self.reply(b"501 echo " + line)
-                continue
-            commands_this_batch += 1
-            if not self.pipelining and (commands_this_batch > 1 or self.out):
-                self.errors.append(f"pipelined to a serial upstream: {line!r}")
-            self.command(line)
+            elif self.sasl:
+                self.sasl = False
+                self.reply(b"501 echo " + unit.line)
+            else:
+                commands_this_batch += 1
+                if not self.pipelining and (commands_this_batch > 1 or self.out):
+                    self.errors.append(f"pipelined to a serial upstream: {unit.line!r}")
+                self.command(unit.line)
 
     def violation(self, line: bytes, why: str) -> None:
         self.errors.append(f"{line!r}: {why}")
@@ -171,7 +152,7 @@ class ModelUpstream:
             if not self.rcpts or self.bdat:
                 return self.violation(line, "DATA without recipients or after BDAT")
             if self.ok():
-                self.mode = "body"
+                self.framing.expect_body()
                 self.reply(b"354 " + echo)
             else:
                 self.reply(b"554 " + echo)
@@ -179,10 +160,8 @@ class ModelUpstream:
             if not self.rcpts or not self.esmtp:
                 self.errors.append(f"{line!r}: BDAT without recipients")
             parts = line.split()
-            self.chunk_left, self.chunk_last = int(parts[1]), len(parts) == 3
-            self.chunk_line = line
-            self.mode = "chunk"
-            self.feed(b"")
+            self.chunk_last = len(parts) == 3
+            self.framing.expect_chunk(line, int(parts[1]))
         elif verb == b"RSET":
             self.mail, self.rcpts, self.bdat = False, 0, False
             self.reply(b"250 " + echo)
@@ -190,7 +169,7 @@ class ModelUpstream:
             if not self.esmtp or self.mail or self.authed:
                 return self.violation(line, "AUTH out of sequence")
             if self.ok(0.5):
-                self.mode = "sasl"
+                self.sasl = True
                 self.reply(b"334 " + echo)
             else:
                 self.reply(b"535 " + echo)

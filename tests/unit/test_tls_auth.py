@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from support.driver import Peer
+from support.ehlo import EHLO_AUTH, EHLO_TLS_AUTH
+
 from smtpguard.protocol import Session, SessionOptions
 from smtpguard.protocol.policy import Defence, Policy
-from smtpguard.protocol.session import PolicyAction
-
-EHLO = (
-    b"250-up\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n"
-    b"250-AUTH=PLAIN LOGIN\r\n250 ENHANCEDSTATUSCODES\r\n"
-)
+from smtpguard.protocol.rules import Verb
+from smtpguard.protocol.session import Forwarded, PolicyAction, Violation
 
 
 def greeted(**options: object) -> Session:
@@ -22,12 +21,12 @@ def greeted(**options: object) -> Session:
 def ehlo(s: Session, name: bytes = b"c") -> bytes:
     s.receive_client(b"EHLO " + name + b"\r\n")
     assert s.take_upstream_bytes() == b"EHLO " + name + b"\r\n"
-    s.receive_upstream(EHLO)
+    s.receive_upstream(EHLO_TLS_AUTH)
     return s.take_client_bytes()
 
 
 def ehlo_after_tls(s: Session, name: bytes = b"again") -> bytes:
-    """The EHLO after STARTTLS: answered from the upstream's capabilities,
+    """The EHLO_TLS_AUTH after STARTTLS: answered from the upstream's capabilities,
     never forwarded (the upstream, which never saw STARTTLS, has had its
     EHLO; OpenSMTPD refuses a second one)."""
     s.receive_client(b"EHLO " + name + b"\r\n")
@@ -195,3 +194,51 @@ def test_sasl_response_with_a_bare_cr_in_observe_mode_goes_on_unchanged() -> Non
     s.receive_client(b"dXNl\rcg==\r\n")
     assert s.take_upstream_bytes() == b"dXNl\rcg==\r\n"
     assert smuggling(s) == [("observe", "bare <CR> or NUL in an AUTH response")]
+
+
+def test_observe_mode_does_not_start_tls_inside_a_transaction() -> None:
+    # policy.mode: observe means "count and forward as before".  STARTTLS is
+    # never forwarded, so "as before" is what the upstream would have said:
+    # Postfix answers STARTTLS inside a transaction with 503 5.5.1.  Instead
+    # smtpguard answers 220 itself and switches to TLS while the upstream keeps
+    # the plaintext MAIL/RCPT: after the handshake, DATA reaches the upstream
+    # and the message goes out with an envelope given in plaintext - the
+    # CVE-2011-0411 situation that RFC 3207 4.2 forbids (the server must
+    # discard what it learnt before TLS).  The held STARTTLS is also counted
+    # as a violation three times (see the test above).
+    p = Peer(policy=Policy(sequence="observe"), tls_offered=True)
+    p.ready(EHLO_AUTH)
+    p.client(b"MAIL FROM:<a@b>\r\n")
+    p.upstream(b"250 ok\r\n")
+    p.s.take_events()
+    p.client(b"RCPT TO:<c@d>\r\nSTARTTLS\r\n")
+    _, down = p.upstream(b"250 2.1.5 ok\r\n")
+    assert not p.s.tls_pending
+    assert down == b"250 2.1.5 ok\r\n503 5.5.1 Error: MAIL transaction in progress\r\n"
+    violations = [e for e in p.s.take_events() if isinstance(e, Violation)]
+    assert len(violations) == 1
+
+
+def test_replies_split_at_every_byte_with_pipelined_auth() -> None:
+    # Verified OK: upstream replies fed one byte at a time, an AUTH LOGIN
+    # exchange with both SASL lines pipelined (each waits for its 334), and
+    # no event carries SASL data.
+    p = Peer(auth_require_tls=False)
+    p.upstream(b"220 up\r\n")
+    p.client(b"EHLO c\r\n")
+    for i in range(len(EHLO_AUTH)):
+        p.upstream(EHLO_AUTH[i : i + 1])
+    assert p.client(b"AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\n")[0] == b"AUTH LOGIN\r\n"
+    sent = bytearray()
+    received = bytearray()
+    for reply in (b"334 VXNlcm5hbWU6\r\n", b"334 UGFzc3dvcmQ6\r\n", b"235 2.7.0 ok\r\n"):
+        for i in range(len(reply)):
+            up, down = p.upstream(reply[i : i + 1])
+            sent += up
+            received += down
+    assert bytes(sent) == b"dXNlcg==\r\ncGFzcw==\r\n"
+    assert bytes(received) == b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 2.7.0 ok\r\n"
+    assert p.s.state.authenticated
+    events = p.s.take_events()
+    assert "dXNlcg" not in repr(events) and "cGFzcw" not in repr(events)
+    assert events.count(Forwarded(Verb.AUTH_RESPONSE)) == 2

@@ -5,7 +5,8 @@ not (found by the differential runs against Postfix, Exim and OpenSMTPD)."""
 
 from __future__ import annotations
 
-from test_session import Peer
+from support.driver import Peer
+from support.ehlo import EHLO_CHUNKING, EHLO_NO_CHUNKING, EHLO_SERIAL
 
 from smtpguard.metrics import Metrics
 from smtpguard.protocol.policy import Policy
@@ -13,35 +14,18 @@ from smtpguard.protocol.rules import Phase, Verb
 from smtpguard.protocol.session import MessageDone, UpstreamReplied, Violation
 from smtpguard.summary import SessionSummary
 
-CHUNKING = (
-    b"250-up.example\r\n250-PIPELINING\r\n250-ENHANCEDSTATUSCODES\r\n250-DSN\r\n"
-    b"250-CHUNKING\r\n250 8BITMIME\r\n"
-)
-#: OpenSMTPD-like: no PIPELINING, no CHUNKING.
-NO_CHUNKING = b"250-up.example\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE 36700160\r\n"
-
-
-def answer(p: Peer, *replies: bytes) -> tuple[bytes, bytes]:
-    """The upstream answers one reply at a time, as a real one would (a
-    command held for a reply goes out in between)."""
-    up, down = b"", b""
-    for reply in replies:
-        u, d = p.upstream(reply)
-        up, down = up + u, down + d
-    return up, down
-
 
 def test_bdat_answered_locally_after_a_refused_rcpt_ends_the_upstream_transaction() -> None:
     # Postfix alone: 250, 550, "554 5.5.1 no valid recipients", transaction over.
     # Before: smtpguard's 503 left Postfix's transaction open, so the next
     # MAIL got "503 nested MAIL" and the message went out under the old sender.
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     up, _ = p.client(
         b"MAIL FROM:<old@client.test>\r\nRCPT TO:<reject-1@dest.example>\r\nBDAT 5 LAST\r\nhello"
     )
     assert up == b"MAIL FROM:<old@client.test>\r\n"  # RCPT waits for MAIL's reply
-    up, down = answer(p, b"250 2.1.0 Ok\r\n", b"550 5.1.1 rejected\r\n")
+    up, down = p.answer(b"250 2.1.0 Ok\r\n", b"550 5.1.1 rejected\r\n")
     assert down == (b"250 2.1.0 Ok\r\n550 5.1.1 rejected\r\n503 5.5.1 Error: need RCPT command\r\n")
     # The upstream's transaction ends too.
     assert up == b"RCPT TO:<reject-1@dest.example>\r\nRSET\r\n"
@@ -50,7 +34,7 @@ def test_bdat_answered_locally_after_a_refused_rcpt_ends_the_upstream_transactio
     up, down = p.upstream(b"250 2.0.0 Ok\r\n")
     assert down == b""  # the RSET's reply is smtpguard's, not the client's
     assert up == b"MAIL FROM:<new@client.test>\r\n"
-    up, down = answer(p, b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n")
+    up, down = p.answer(b"250 2.1.0 Ok\r\n", b"250 2.1.5 Ok\r\n")
     assert down == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"
     assert up == b"RCPT TO:<ok@dest.example>\r\nBDAT 5 LAST\r\n"
     assert p.client(b"hello")[0] == b"hello"
@@ -59,7 +43,7 @@ def test_bdat_answered_locally_after_a_refused_rcpt_ends_the_upstream_transactio
 def test_bdat_answered_locally_in_mail_phase_fails_the_transaction() -> None:
     # Postfix alone ends the transaction and refuses the RCPT and DATA after it.
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     p.client(b"MAIL FROM:<a@b>\r\n")
     p.upstream(b"250 2.1.0 Ok\r\n")
     up, down = p.client(b"BDAT 3\r\nabc")
@@ -77,7 +61,7 @@ def test_bdat_answered_locally_in_mail_phase_fails_the_transaction() -> None:
 def test_bdat_is_never_forwarded_to_an_upstream_without_chunking() -> None:
     # Before: OpenSMTPD got "BDAT 33 LAST" and ran the chunk as a command.
     p = Peer()
-    p.ready(NO_CHUNKING)
+    p.ready(EHLO_NO_CHUNKING)
     up, down = p.upstream(b"")
     p.client(b"MAIL FROM:<a@b>\r\n")
     p.upstream(b"250 2.0.0 Ok\r\n")
@@ -97,10 +81,10 @@ def test_chunking_switched_off_hides_it_and_refuses_bdat() -> None:
     p = Peer(chunking=False)
     p.upstream(b"220 up\r\n")
     p.client(b"EHLO c\r\n")
-    _, down = p.upstream(CHUNKING)
+    _, down = p.upstream(EHLO_CHUNKING)
     assert b"CHUNKING" not in down
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-    answer(p, b"250 ok\r\n", b"250 ok\r\n")
+    p.answer(b"250 ok\r\n", b"250 ok\r\n")
     up, down = p.client(b"BDAT 2 LAST\r\nhi")
     assert b"BDAT" not in up and down.startswith(b"502 ")
 
@@ -128,7 +112,7 @@ def test_extension_verbs_follow_what_the_upstream_advertised() -> None:
 
 def test_extension_verbs_not_advertised_are_answered_locally() -> None:
     p = Peer(auth_require_tls=False)
-    p.ready(NO_CHUNKING)
+    p.ready(EHLO_NO_CHUNKING)
     up, down = p.client(b"ETRN dest.example\r\n")
     assert up == b"" and down == b"502 5.5.1 Error: command not implemented\r\n"
     up, down = p.client(b"AUTH PLAIN AGEAYg==\r\n")
@@ -141,12 +125,12 @@ def test_command_line_limit_grows_with_the_advertised_extensions() -> None:
     line = f"RCPT TO:<b@dest.example> NOTIFY=SUCCESS,FAILURE ORCPT={orcpt}".encode()
     assert 512 < len(line) + 2 <= 1012
     with_dsn = Peer()
-    with_dsn.ready(CHUNKING)
+    with_dsn.ready(EHLO_CHUNKING)
     with_dsn.client(b"MAIL FROM:<a@b>\r\n")
     with_dsn.upstream(b"250 ok\r\n")
     assert with_dsn.client(line + b"\r\n")[0] == line + b"\r\n"
     without = Peer()
-    without.ready(NO_CHUNKING)
+    without.ready(EHLO_NO_CHUNKING)
     without.client(b"MAIL FROM:<a@b>\r\n")
     without.upstream(b"250 ok\r\n")
     up, down = without.client(line + b"\r\n")
@@ -155,9 +139,9 @@ def test_command_line_limit_grows_with_the_advertised_extensions() -> None:
 
 def test_bad_bdat_syntax_hangs_up_instead_of_reading_the_chunk_as_commands() -> None:
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-    answer(p, b"250 ok\r\n", b"250 ok\r\n")
+    p.answer(b"250 ok\r\n", b"250 ok\r\n")
     up, down = p.client(b"BDAT 1x\r\nRCPT TO:<smuggled@evil.example>\r\n")
     assert up == b""
     assert down == b"521 5.5.4 Syntax: BDAT count [LAST]\r\n"
@@ -167,12 +151,12 @@ def test_bad_bdat_syntax_hangs_up_instead_of_reading_the_chunk_as_commands() -> 
 def test_pipelined_mail_after_the_final_dot_counts_the_message_once() -> None:
     # RFC 2920 4: the next MAIL may follow the dot before its reply.
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")
-    answer(p, b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+    p.answer(b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
     p.s.take_events()
     p.client(b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<e@f>\r\nRCPT TO:<g@h>\r\nDATA\r\n")
-    answer(p, b"250 queued\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
+    p.answer(b"250 queued\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n")
     p.client(b"two\r\n.\r\n")
     p.upstream(b"250 queued\r\n")
     done = [e for e in p.s.take_events() if isinstance(e, MessageDone)]
@@ -182,24 +166,24 @@ def test_pipelined_mail_after_the_final_dot_counts_the_message_once() -> None:
 
 def test_pipelined_mail_after_bdat_last_counts_the_message_once() -> None:
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n")
-    answer(p, b"250 ok\r\n", b"250 ok\r\n")
+    p.answer(b"250 ok\r\n", b"250 ok\r\n")
     p.s.take_events()
     p.client(b"BDAT 5 LAST\r\nhelloMAIL FROM:<e@f>\r\n")
-    answer(p, b"250 queued\r\n", b"250 ok\r\n")
+    p.answer(b"250 queued\r\n", b"250 ok\r\n")
     done = [e for e in p.s.take_events() if isinstance(e, MessageDone)]
     assert done == [MessageDone("accepted", 5)]
 
 
 def test_a_violation_is_one_event_naming_the_action_taken() -> None:
     observe = Peer(policy=Policy(sequence="observe"))
-    observe.ready(CHUNKING)
+    observe.ready(EHLO_CHUNKING)
     assert observe.client(b"RCPT TO:<a@b>\r\n")[0] == b"RCPT TO:<a@b>\r\n"
     violations = [e for e in observe.s.take_events() if isinstance(e, Violation)]
     assert [v.action for v in violations] == ["observe"]
     enforce = Peer()
-    enforce.ready(CHUNKING)
+    enforce.ready(EHLO_CHUNKING)
     enforce.client(b"RCPT TO:<a@b>\r\n")
     violations = [e for e in enforce.s.take_events() if isinstance(e, Violation)]
     assert [v.action for v in violations] == ["reject"]
@@ -208,9 +192,9 @@ def test_a_violation_is_one_event_naming_the_action_taken() -> None:
 def test_bdat_last_is_counted_as_bdat() -> None:
     metrics = Metrics()
     p = Peer()
-    p.ready(CHUNKING)
+    p.ready(EHLO_CHUNKING)
     p.client(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 2\r\nhiBDAT 1 LAST\r\n!")
-    answer(p, b"250 ok\r\n", b"250 ok\r\n")
+    p.answer(b"250 ok\r\n", b"250 ok\r\n")
     metrics.observe(p.s.take_events())
     metrics.flush()
     samples = {
@@ -235,7 +219,7 @@ def test_the_summary_line_knows_every_verb() -> None:
 def test_the_rset_after_a_refused_bdat_waits_for_a_serial_upstream() -> None:
     # An upstream without PIPELINING got "RCPT ...\r\nRSET\r\n" back to back.
     p = Peer()
-    p.ready(b"250-up.example\r\n250 SIZE 1000\r\n")
+    p.ready(EHLO_SERIAL)
     p.client(b"MAIL FROM:<a@b>\r\n")
     p.upstream(b"250 ok\r\n")
     p.client(b"RCPT TO:<c@d>\r\n")
