@@ -159,7 +159,7 @@ def test_the_upstream_cap_is_the_fleets(
         guard_factory,
         postfix,
         redis,
-        upstream_limits={"max_sessions": 2, "queue_seconds": 1.5},
+        upstream_limits={"max_sessions": 2, "queue_seconds": 3},
     )
     baseline = established(postfix.port)
     holders = [client(a, "127.0.11.1"), client(b, "127.0.11.2")]
