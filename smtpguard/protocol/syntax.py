@@ -270,6 +270,10 @@ SHAPE_OF: dict[Verb, Shape] = {
 #: No-argument verbs whose stray argument is dropped: nothing else can be meant.
 ARGUMENT_DROPPED = frozenset({Verb.QUIT})
 
+#: Free-argument verbs whose argument the grammar requires (RFC 5321 4.1.1.6,
+#: 4.1.1.7, RFC 1985): refused without one in strict mode (Postfix: 501).
+ARGUMENT_REQUIRED = frozenset({Verb.VRFY, Verb.EXPN, Verb.ETRN})
+
 
 @dataclass(frozen=True, slots=True)
 class Offered:
@@ -661,29 +665,24 @@ def _hex_groups(text: bytes, most: int) -> list[bytes] | None:
 
 
 def _ipv6(text: bytes) -> bool:
-    """IPv6-addr: IPv6-full / IPv6-comp / IPv6v4-full / IPv6v4-comp."""
-    v4 = b"." in text
-    if v4:
-        head, _, tail = text.rpartition(b":")
-        if not _ipv4(tail) or not head:
+    """IPv6-addr: IPv6-full / IPv6-comp / IPv6v4-full / IPv6v4-comp.
+
+    A trailing IPv4 part counts as two groups: then IPv6v4-full is IPv6-full
+    (8 groups) and IPv6v4-comp's "at most 4 groups besides :: and the IPv4
+    part" is IPv6-comp's "at most 6 groups besides ::".
+    """
+    if b"." in text:
+        head, colon, tail = text.rpartition(b":")
+        if not colon or not _ipv4(tail):
             return False
-        text = head + b":" if head.endswith(b":") else head
-    if b"::" in text:
-        left, sep, right = text.partition(b"::")
-        if b"::" in right:
-            return False
-        if v4:
-            right = right[:-1] if right.endswith(b":") else right
-            if text.endswith(b"::"):
-                right = b""
-            limit = 4  # IPv6v4-comp: at most 4 groups besides "::" and the IPv4 part
-        else:
-            limit = 6  # IPv6-comp: at most 6 groups besides "::"
-        lg = _hex_groups(left, limit)
-        rg = _hex_groups(right, limit)
-        return lg is not None and rg is not None and len(lg) + len(rg) <= limit
-    groups = _hex_groups(text, 8)
-    return groups is not None and len(groups) == (6 if v4 else 8)
+        text = head + b":0:0"
+    left, double, right = text.partition(b"::")
+    if not double:
+        groups = _hex_groups(text, 8)
+        return groups is not None and len(groups) == 8
+    lg = _hex_groups(left, 6)
+    rg = _hex_groups(right, 6)
+    return lg is not None and rg is not None and len(lg) + len(rg) <= 6
 
 
 def _literal(text: bytes) -> bool:
@@ -766,10 +765,8 @@ def _parse_path(word: bytes, rcpt: bool) -> _Path | tuple[Reason, OctetClass | N
 
     Returns the parsed path, or (reason, octet class, fatal).
     """
-    if word.startswith(b"<") and word.endswith(b">") and len(word) >= 2:
-        inner = word[1:-1]
-    else:
-        inner = word
+    bracketed = word.startswith(b"<") and word.endswith(b">") and len(word) >= 2
+    inner = word[1:-1] if bracketed else word
     if b"<" in inner or b">" in inner:
         return Reason.PATH_SYNTAX, OctetClass.PUNCTUATION, False
     if not inner:
@@ -976,6 +973,8 @@ def _no_argument(verb: Verb, argument: bytes) -> tuple[bytes, list[_Finding]]:
 def _free(verb: Verb, argument: bytes, offered: Offered) -> tuple[bytes, list[_Finding]]:
     rest = argument.rstrip(_SEPARATORS)
     line = verb.value.encode() + (b" " + rest if rest else b"")
+    if not rest and verb in ARGUMENT_REQUIRED:
+        return line, [_Finding(Reason.MISSING_ARGUMENT, _Level.STRICT, R.ARGUMENT_SYNTAX)]
     octets = _octets(rest, b"SMTPUTF8" in offered)
     if octets is None:
         return line, []
