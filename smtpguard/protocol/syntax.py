@@ -630,6 +630,8 @@ _ATEXT = rb"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _DOT_STRING = re.compile(rb"[%s\x80-\xff]+(?:\.[%s\x80-\xff]+)*\Z" % (_ATEXT, _ATEXT))
 _QUOTED_STRING = re.compile(rb'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\x20-\x7e])*"\Z')
 _LOCAL_OCTET = re.compile(rb'[%s.\x80-\xff"\\ ]' % _ATEXT)
+_DOT_OCTET = re.compile(rb"[%s.\x80-\xff]" % _ATEXT)
+_QUOTED_PART = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _LDH_LABEL = re.compile(rb"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _U_LABEL = re.compile(rb"[A-Za-z0-9\x80-\xff](?:[A-Za-z0-9\x80-\xff-]*[A-Za-z0-9\x80-\xff])?\Z")
 _LABEL_OCTET = re.compile(rb"[A-Za-z0-9\x80-\xff]")
@@ -747,8 +749,12 @@ def _split_mailbox(mailbox: bytes) -> tuple[bytes, bytes] | None:
         if i >= n or mailbox[i + 1 : i + 2] != b"@":
             return None
         return mailbox[: i + 1], mailbox[i + 2 :]
-    local, at, domain = mailbox.rpartition(b"@")
-    return (local, domain) if at else None
+    # A Dot-string holds no "@": the first one ends it (a general address
+    # literal may hold more).  "a@b@c" is no Mailbox at all.
+    local, at, domain = mailbox.partition(b"@")
+    if not at or (b"@" in domain and not domain.startswith(b"[")):
+        return None
+    return local, domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -767,7 +773,8 @@ def _parse_path(word: bytes, rcpt: bool) -> _Path | tuple[Reason, OctetClass | N
     """
     bracketed = word.startswith(b"<") and word.endswith(b">") and len(word) >= 2
     inner = word[1:-1] if bracketed else word
-    if b"<" in inner or b">" in inner:
+    unquoted = _QUOTED_PART.sub(b"", inner)
+    if b"<" in unquoted or b">" in unquoted:
         return Reason.PATH_SYNTAX, OctetClass.PUNCTUATION, False
     if not inner:
         if rcpt:  # RCPT TO:<>: no recipient at all (Postfix refuses it too)
@@ -791,7 +798,7 @@ def _parse_path(word: bytes, rcpt: bool) -> _Path | tuple[Reason, OctetClass | N
         if _QUOTED_STRING.match(local) is None:
             return Reason.PATH_SYNTAX, _first_outside(local, _LOCAL_OCTET), False
     elif _DOT_STRING.match(local) is None:
-        bad = _first_outside(local, _LOCAL_OCTET)
+        bad = _first_outside(local, _DOT_OCTET)
         return Reason.PATH_SYNTAX, bad or OctetClass.PUNCTUATION, False
     fault = _domain_fault(domain)
     if fault is not None:
@@ -854,6 +861,7 @@ def _parameters(
         bad_value = R.BAD_PARAMETER, (("keyword", name.decode("ascii")),)
         finding: _Finding | None = None
         needs = VALUE_EXTENSION.get((name, shown), rule.extension)
+        policy = None
         if needs not in offered:
             policy = rule.unadvertised if needs == rule.extension else Unadvertised.REFUSE
             option = name.decode("ascii") + (
@@ -864,8 +872,8 @@ def _parameters(
                 Reason.UNKNOWN_PARAMETER, level, R.UNSUPPORTED_PARAMETER, (("option", option),)
             )
             if policy is Unadvertised.DROP:
-                canonical = b""
-        if finding is None or finding.level is not _Level.ALWAYS:
+                canonical = b""  # never forwarded: its value does not matter
+        if policy is None or policy is Unadvertised.PASS:
             if bool(eq) != rule.has_value or (rule.has_value and not rule.lenient(value)):
                 finding = _Finding(Reason.BAD_PARAMETER_VALUE, _Level.ALWAYS, *bad_value)
             elif name in seen:
@@ -883,6 +891,36 @@ def _parameters(
         if canonical:
             out.append(canonical)
     return out, findings
+
+
+# The common case, already canonical: a plain ASCII path and plain parameters
+# (no octet that groups words for smtpd_token: " < \\; no 8-bit).  Limits: the
+# local part is measured below; a path of at most 256 octets keeps the domain
+# under 255.  It must judge exactly as the long way (a property test checks).
+_LABEL = rb"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_FAST = re.compile(
+    rb"(?:MAIL FROM:|RCPT TO:)(<(?:([%s]+(?:\.[%s]+)*)@%s(?:\.%s)*)?>)"
+    rb"((?: [A-Z0-9][A-Z0-9-]*(?:=[\x21\x23-\x3b\x3d-\x5b\x5d-\x7e]+)?)*)\Z"
+    % (_ATEXT, _ATEXT, _LABEL, _LABEL)
+)
+
+
+def _fast_transaction(
+    verb: Verb, text: bytes, offered: Offered
+) -> tuple[bytes, list[_Finding]] | None:
+    """A canonical MAIL/RCPT line with a plain path, or None (take the long way)."""
+    m = _FAST.match(text)
+    if m is None or text[0] != (0x52 if verb is Verb.RCPT else 0x4D):
+        return None
+    path, local, params = m.group(1, 2, 3)
+    if len(path) > PATH_MAX_OCTETS or (local is not None and len(local) > LOCAL_PART_MAX_OCTETS):
+        return None
+    if local is None and verb is Verb.RCPT:
+        return None  # RCPT TO:<>
+    found = [(w, True) for w in params.split(b" ")[1:]]
+    eight_bit_ok = False  # nothing 8-bit here
+    shown, findings = _parameters(found, verb, offered, eight_bit_ok)
+    return text[: m.end(1)] + b"".join(b" " + p for p in shown), findings
 
 
 def _transaction(
@@ -970,12 +1008,12 @@ def _no_argument(verb: Verb, argument: bytes) -> tuple[bytes, list[_Finding]]:
     return name + b" " + rest, [finding]
 
 
-def _free(verb: Verb, argument: bytes, offered: Offered) -> tuple[bytes, list[_Finding]]:
+def _free(verb: Verb, argument: bytes) -> tuple[bytes, list[_Finding]]:
     rest = argument.rstrip(_SEPARATORS)
     line = verb.value.encode() + (b" " + rest if rest else b"")
     if not rest and verb in ARGUMENT_REQUIRED:
         return line, [_Finding(Reason.MISSING_ARGUMENT, _Level.STRICT, R.ARGUMENT_SYNTAX)]
-    octets = _octets(rest, b"SMTPUTF8" in offered)
+    octets = _octets(rest, False)
     if octets is None:
         return line, []
     return line, [_Finding(octets[0], _Level.STRICT, R.ARGUMENT_SYNTAX, (), octets[1])]
@@ -1004,13 +1042,16 @@ def check(
     if shape is Shape.OPAQUE:
         return Verdict(line, line, False, argument_bytes=len(argument))
     if shape is Shape.MAIL or shape is Shape.RCPT:
-        body, findings = _transaction(verb, argument, offered, smtputf8_transaction)
+        fast = _fast_transaction(verb, text, offered)
+        if fast is None:
+            fast = _transaction(verb, argument, offered, smtputf8_transaction)
+        body, findings = fast
     elif shape is Shape.HELLO:
         body, findings = _hello(verb, argument)
     elif shape is Shape.NO_ARGUMENT:
         body, findings = _no_argument(verb, argument)
     else:
-        body, findings = _free(verb, argument, offered)
+        body, findings = _free(verb, argument)
     canonical = body + end
     refusing = _REFUSING[mode]
     refused = next((f for f in findings if f.level in refusing), None)

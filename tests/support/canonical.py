@@ -8,7 +8,7 @@ each other.  Used on every line a recording upstream received.
 "Canonical" means: the verb in upper case; exactly the grammar's single SPs;
 ``MAIL FROM:<path>`` / ``RCPT TO:<path>`` with no source route; parameter
 keywords in upper case, none twice; no control character anywhere; 8-bit
-octets only as UTF-8 in an SMTPUTF8 transaction (never in EHLO/HELO); and
+octets only as UTF-8 in the MAIL and RCPT lines of an SMTPUTF8 transaction; and
 the limits of RFC 5321 4.5.3.1: local part 64 octets, domain 255, path 256
 (brackets included), a label 63 (for a U-label, its A-label), and the command
 line 512 octets with CRLF, plus what the extensions of the parameters used
@@ -209,7 +209,7 @@ def problem(line: bytes, *, smtputf8: bool = False) -> str | None:
     if verb == b"MAIL":
         smtputf8 = _mail_smtputf8(body)
     eight_bit = not body.isascii()
-    if eight_bit and (not smtputf8 or verb in (b"EHLO", b"HELO")):
+    if eight_bit and (not smtputf8 or verb not in (b"MAIL", b"RCPT")):
         return "8-bit octet outside SMTPUTF8"
     if eight_bit and not _VALID_UTF8.match(body):
         return "8-bit octets that are not UTF-8"
