@@ -189,10 +189,16 @@ def _params_problem(verb: bytes, params: bytes) -> tuple[str | None, int]:
     return None, sum(extra.values())
 
 
+_SMTPUTF8_WORD = re.compile(rb" SMTPUTF8(?: |\Z)")
+
+
 def _mail_smtputf8(body: bytes) -> bool:
     """Does this MAIL line carry the SMTPUTF8 parameter?"""
     m = _PATTERNS[True]["MAIL"].match(body)
-    return m is not None and b"SMTPUTF8" in m["params"].split(b" ")
+    if m is not None:
+        return b"SMTPUTF8" in m["params"].split(b" ")
+    # Not the grammar (say, broken UTF-8 in the path): look for the word.
+    return _SMTPUTF8_WORD.search(body) is not None
 
 
 def problem(line: bytes, *, smtputf8: bool = False) -> str | None:

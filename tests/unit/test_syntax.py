@@ -796,7 +796,7 @@ xtexts = st.lists(
     min_size=1,
     max_size=10,
 ).map(b"".join)
-MAIL_PARAMETERS = {
+MAIL_PARAMETERS: dict[bytes, st.SearchStrategy[bytes | None]] = {
     b"SIZE": st.integers(0, 10**15).map(lambda i: b"%d" % i),
     b"BODY": st.sampled_from([b"7BIT", b"8BITMIME", b"BINARYMIME"]),
     b"SMTPUTF8": st.none(),
@@ -807,7 +807,7 @@ MAIL_PARAMETERS = {
     b"REQUIRETLS": st.none(),
     b"HOLDFOR": st.integers(0, 999999999).map(lambda i: b"%d" % i),
 }
-RCPT_PARAMETERS = {
+RCPT_PARAMETERS: dict[bytes, st.SearchStrategy[bytes | None]] = {
     b"NOTIFY": st.one_of(
         st.just(b"NEVER"),
         st.lists(st.sampled_from([b"SUCCESS", b"FAILURE", b"DELAY"]), min_size=1, unique=True).map(
