@@ -152,7 +152,7 @@ DSN parameters with DSN not advertised           501 5.7.1 DSN support is disabl
 ===============================================  =========================================
 
 The canonical form of every line of the corpus that Postfix accepted was
-sent to Postfix too (``postfix_probe.py --canonical``): all 48 that differ
+sent to Postfix too (``postfix_probe.py --canonical``): all 49 that differ
 from the line as sent were accepted.
 
 smtpguard's answers differ from Postfix's on purpose in three places: a
