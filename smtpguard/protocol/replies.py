@@ -65,3 +65,29 @@ BYE = Reply(221, "2.0.0", "Bye")
 UPSTREAM_BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
 #: The service is shutting down.
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, closing connection")
+
+# Command syntax (protocol/syntax.py).  Texts follow Postfix 3.7's smtpd.
+#: MAIL whose path is not an address (RFC 5321 4.1.2; Postfix's text).
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+#: RCPT whose path is not an address (RFC 5321 4.1.2; Postfix's text).
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+#: MAIL without ``FROM:`` or without a path (Postfix's text).
+MAIL_SYNTAX = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+#: RCPT without ``TO:`` or without a path (Postfix's text).
+RCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+#: EHLO/HELO without an argument; ``{verb}`` is EHLO or HELO (Postfix's text).
+HELO_SYNTAX = Reply(501, "5.5.4", "Syntax: {verb} hostname")
+#: EHLO/HELO whose argument is not a domain or an address literal (Postfix's
+#: reject_invalid_helo_hostname text, without echoing the name).
+BAD_HELO_NAME = Reply(501, "5.5.4", "Helo command rejected: Invalid name")
+#: RSET, DATA or STARTTLS with an argument; ``{verb}`` names it (Postfix's text).
+NO_ARGUMENT_SYNTAX = Reply(501, "5.5.4", "Syntax: {verb}")
+#: Any other argument that breaks the grammar (RFC 5321 4.2.2's text for 501).
+ARGUMENT_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+#: A MAIL/RCPT parameter of no extension the upstream advertised (RFC 5321
+#: 4.1.1.11); ``{option}`` is its keyword (Postfix's text).
+UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {option}")
+#: A known MAIL/RCPT parameter with a bad value or repeated; ``{keyword}`` names it.
+BAD_PARAMETER = Reply(501, "5.5.4", "Bad {keyword} parameter syntax")
+#: A non-ASCII address outside an SMTPUTF8 transaction (RFC 6531 3.6, Postfix's text).
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
