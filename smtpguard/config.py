@@ -99,9 +99,18 @@ class StoreSettings:
 
     #: ``redis://host:port/db``, ``rediss://...`` or ``unix:///path``; None: no store.
     redis: str | None = None
+    #: Or Redis Sentinel: the monitored service's name and the sentinels
+    #: (the primary is asked of them, again after a failover).
+    sentinel_service: str | None = None
+    sentinel_nodes: tuple[Address, ...] = ()
+    sentinel_db: int = 0
     timeout_seconds: float = 0.5
     retry_seconds: float = 2.0
     key_prefix: str = "smtpguard:"
+
+    @property
+    def configured(self) -> bool:
+        return self.redis is not None or self.sentinel_service is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +406,9 @@ def _groups(key: str, value: object) -> tuple[str, ...]:
 
 
 def _store(raw: Mapping[str, Any]) -> StoreSettings:
-    store = _section(raw, "store", {"redis", "timeout_seconds", "retry_seconds", "key_prefix"})
+    store = _section(
+        raw, "store", {"redis", "sentinel", "timeout_seconds", "retry_seconds", "key_prefix"}
+    )
     url = store.get("redis")
     if url is not None:
         schemes = ("redis://", "rediss://", "unix://")
@@ -405,6 +416,26 @@ def _store(raw: Mapping[str, Any]) -> StoreSettings:
             raise ConfigError(
                 "store.redis", f"must be a redis://, rediss:// or unix:// URL, got {url!r}"
             )
+    try:
+        sentinel = _section(store, "sentinel", {"service", "nodes", "db"})
+    except ConfigError as error:  # the nested section's key, named in full
+        raise ConfigError(f"store.{error.key}", error.problem) from None
+    service = sentinel.get("service")
+    nodes: tuple[Address, ...] = ()
+    if sentinel:
+        if url is not None:
+            raise ConfigError("store.sentinel", "give store.redis or store.sentinel, not both")
+        if not isinstance(service, str) or not service or any(c.isspace() for c in service):
+            raise ConfigError(
+                "store.sentinel.service", f"must be the monitored service's name, got {service!r}"
+            )
+        listed = sentinel.get("nodes")
+        if not isinstance(listed, list) or not listed:
+            raise ConfigError("store.sentinel.nodes", "must be a list of 'host:port' sentinels")
+        nodes = tuple(
+            parse_address(f"store.sentinel.nodes[{i}]", node, 26379)
+            for i, node in enumerate(listed)
+        )
     prefix = store.get("key_prefix", "smtpguard:")
     if not isinstance(prefix, str) or any(c in prefix for c in "{} \r\n"):
         raise ConfigError(
@@ -412,6 +443,9 @@ def _store(raw: Mapping[str, Any]) -> StoreSettings:
         )
     return StoreSettings(
         redis=url,
+        sentinel_service=service if sentinel else None,
+        sentinel_nodes=nodes,
+        sentinel_db=int(_number("store.sentinel.db", sentinel.get("db", 0), 0, True)),
         timeout_seconds=_number("store.timeout_seconds", store.get("timeout_seconds", 0.5), 0.001),
         retry_seconds=_number("store.retry_seconds", store.get("retry_seconds", 2), 0.01),
         key_prefix=prefix,

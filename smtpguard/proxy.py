@@ -823,7 +823,9 @@ class Proxy:
         #: The shared store (Redis), for the life of the process: a reload
         #: that changes ``store`` needs a restart.
         self._store = (
-            RedisStore(config.store, self.metrics, self._own_count) if config.store.redis else None
+            RedisStore(config.store, self.metrics, self._own_count)
+            if config.store.configured
+            else None
         )
         self._limiter = self._new_limiter(config)
         #: Sessions' members in the shared store's per-client sets: conn -> (key, member).

@@ -41,6 +41,7 @@ script's keys share one slot (Redis Cluster).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -213,18 +214,14 @@ class RedisStore:
         *,
         client: coredis.Redis[bytes] | None = None,
     ) -> None:
-        assert settings.redis is not None
+        assert settings.configured
         self.settings = settings
         self._metrics = metrics
         #: This process's own count of a kind for a key (clientrates.py), to
         #: tell the other processes' part of the fleet's count.
         self._local_counts = local_counts
-        self._client = client or coredis.Redis.from_url(
-            settings.redis,
-            connect_timeout=settings.timeout_seconds,
-            stream_timeout=settings.timeout_seconds,
-            retry_policy=NoRetryPolicy(),
-        )
+        self._sentinel: coredis.Sentinel[bytes] | None = None
+        self._client = client or self._new_client(settings)
         self._connect = self._client.register_script(_CONNECT)
         self._slot = self._client.register_script(_SLOT)
         self._count = self._client.register_script(_COUNT)
@@ -250,6 +247,24 @@ class RedisStore:
         #: False until :meth:`run` has opened the client (then calls may go).
         self._open = False
         metrics.store_up.labels("redis").set(0)  # until it first answers
+
+    def _new_client(self, settings: StoreSettings) -> coredis.Redis[bytes]:
+        timeouts: dict[str, Any] = {
+            "connect_timeout": settings.timeout_seconds,
+            "stream_timeout": settings.timeout_seconds,
+        }
+        if settings.redis is not None:
+            return coredis.Redis.from_url(settings.redis, retry_policy=NoRetryPolicy(), **timeouts)
+        assert settings.sentinel_service is not None
+        self._sentinel = coredis.Sentinel(
+            [(node.host, node.port) for node in settings.sentinel_nodes],
+            sentinel_kwargs=timeouts,
+            **timeouts,
+        )
+        primary: coredis.Redis[bytes] = self._sentinel.primary_for(
+            settings.sentinel_service, db=settings.sentinel_db
+        )
+        return primary
 
     # -- state ---------------------------------------------------------------
 
@@ -468,7 +483,10 @@ class RedisStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Push counts and releases, renew leases, probe while down: for the
         process's life."""
-        async with self._client:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._sentinel is not None:
+                await stack.enter_async_context(self._sentinel)
+            await stack.enter_async_context(self._client)
             self._open = True
             task_status.started()
             renewed = trio.current_time()

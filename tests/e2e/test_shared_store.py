@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from guard import Guard, RawClient
 from peers import Postfix
-from support.redis import RedisServer
+from support.redis import RedisServer, Sentinel
 from test_shield import established, wait_for
 
 GuardFactory = Callable[..., Guard]
@@ -244,3 +244,46 @@ def test_a_hung_redis_holds_no_session_longer_than_its_timeout(
     finally:
         redis.resume()
     postfix.wait_for_messages(1, where=lambda m: rcpt in m.recipients, timeout=30)
+
+
+def test_through_sentinel_the_store_follows_a_failover(
+    guard_factory: GuardFactory, postfix: Postfix
+) -> None:
+    """store.sentinel: smtpguard asks the sentinels for the primary; when it
+    dies, mail flows meanwhile (fail open) and the limits go on in the
+    replica that the sentinel promoted, without a restart."""
+    with (
+        RedisServer() as primary,
+        RedisServer(replica_of=primary.port) as replica,
+        Sentinel(primary) as sentinel,
+    ):
+        host, port = postfix.address
+        guard = guard_factory(
+            f"{host}:{port}",
+            store={
+                "sentinel": {"service": sentinel.name, "nodes": [f"127.0.0.1:{sentinel.port}"]},
+                "timeout_seconds": 0.25,
+                "retry_seconds": 0.5,
+            },
+            limits={"max_connections_per_client": 10},
+        )
+        rcpt = f"sentinel-{uuid.uuid4().hex[:8]}@example.org"
+        with client(guard, "127.0.13.1") as held:  # its session is in the primary
+            assert held.reply().startswith(b"220 ")
+            wait_for(lambda: primary.cli("ZCARD", "smtpguard:{127.0.13.1}:sessions") == "1", 10)
+        send(guard, "before@fleet.test", rcpt, "127.0.13.1")
+        primary.kill()
+        send(guard, "during@fleet.test", rcpt, "127.0.13.1")  # fails open meanwhile
+        wait_for(lambda: sentinel.primary_port() == replica.port, 30)
+        # The promoted replica takes the calls: the client's session set is there.
+        deadline = time.monotonic() + 20
+        while True:
+            with client(guard, "127.0.13.2") as held:
+                assert held.reply().startswith(b"220 ")
+                if replica.cli("ZCARD", "smtpguard:{127.0.13.2}:sessions") == "1":
+                    break
+            assert time.monotonic() < deadline, "the store never reached the new primary"
+            time.sleep(0.5)
+        wait_for(lambda: guard.metric("smtpguard_store_up", store="redis") == 1, 15)
+        send(guard, "after@fleet.test", rcpt, "127.0.13.1")
+        postfix.wait_for_messages(3, where=lambda m: rcpt in m.recipients, timeout=30)

@@ -225,6 +225,13 @@ def test_the_store_section_defaults_to_no_store() -> None:
     loaded = load({"store": {"redis": "redis://10.0.0.5:6380/2", "timeout_seconds": 0.1}}).store
     assert loaded.redis == "redis://10.0.0.5:6380/2"
     assert loaded.timeout_seconds == 0.1
+    assert loaded.configured
+    sentinel = load(
+        {"store": {"sentinel": {"service": "mail", "nodes": ["10.0.0.7", "[fd00::1]:26380"]}}}
+    ).store
+    assert sentinel.configured and sentinel.redis is None
+    assert sentinel.sentinel_service == "mail"
+    assert sentinel.sentinel_nodes == (Address("10.0.0.7", 26379), Address("fd00::1", 26380))
 
 
 @pytest.mark.parametrize(
@@ -235,7 +242,21 @@ def test_the_store_section_defaults_to_no_store() -> None:
         ({"timeout_seconds": 0}, "store.timeout_seconds", "at least"),
         ({"retry_seconds": "soon"}, "store.retry_seconds", "number"),
         ({"key_prefix": "a{b}"}, "store.key_prefix", "braces"),
-        ({"sentinel": "x"}, "store.sentinel", "unknown key"),
+        ({"sentinel": "x"}, "store.sentinel", "mapping"),
+        ({"sentinel": {"service": "m"}}, "store.sentinel.nodes", "list"),
+        ({"sentinel": {"nodes": ["a:1"]}}, "store.sentinel.service", "name"),
+        ({"sentinel": {"service": "m", "nodes": ["a:x"]}}, "store.sentinel.nodes[0]", "port"),
+        (
+            {"sentinel": {"service": "m", "nodes": ["a"], "port": 1}},
+            "store.sentinel.port",
+            "unknown",
+        ),
+        (
+            {"redis": "redis://a", "sentinel": {"service": "m", "nodes": ["a"]}},
+            "store.sentinel",
+            "not both",
+        ),
+        ({"password": "x"}, "store.password", "unknown key"),
     ],
 )
 def test_a_bad_store_section_names_the_key(store: dict[str, Any], key: str, problem: str) -> None:
