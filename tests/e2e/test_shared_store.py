@@ -119,6 +119,28 @@ def test_the_message_rate_is_the_fleets(
     assert len([m for m in postfix.messages() if rcpt in m.recipients]) == 2
 
 
+def test_the_recipient_rate_is_the_fleets(
+    guard_factory: GuardFactory, postfix: Postfix, redis: RedisServer
+) -> None:
+    a, b = fleet(guard_factory, postfix, redis, rates={"recipients_per_minute": 3})
+    tag = uuid.uuid4().hex[:8]
+    first = [f"r1-{tag}@example.org", f"r2-{tag}@example.org"]
+    with smtplib.SMTP("127.0.0.1", a.port, timeout=30, source_address=("127.0.14.1", 0)) as smtp:
+        smtp.ehlo("fleet.client.test")
+        assert smtp.sendmail("one@fleet.test", first, b"Subject: r\r\n\r\nhi\r\n") == {}
+    # B knows the fleet's count from its connect call: one recipient is left.
+    second = [f"r3-{tag}@example.org", f"r4-{tag}@example.org"]
+    with smtplib.SMTP("127.0.0.1", b.port, timeout=30, source_address=("127.0.14.1", 0)) as smtp:
+        smtp.ehlo("fleet.client.test")
+        refused = smtp.sendmail("two@fleet.test", second, b"Subject: r\r\n\r\nhi\r\n")
+    assert refused == {
+        second[1]: (450, b"4.7.1 Error: too many recipients from you, try again later")
+    }
+    assert b.metric("smtpguard_client_rate_refusals_total", kind="recipient") == 1
+    delivered = postfix.wait_for_messages(2, where=lambda m: tag in " ".join(m.recipients))
+    assert sorted(r for m in delivered for r in m.recipients) == sorted([*first, second[0]])
+
+
 def test_the_penalty_box_is_shared_and_logged_once(
     guard_factory: GuardFactory, postfix: Postfix, redis: RedisServer
 ) -> None:
