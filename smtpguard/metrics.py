@@ -24,17 +24,19 @@ from prometheus_client import (
 
 from . import __version__
 from .edges import HANDSHAKE_FAILURES
-from .protocol.policy import ALLOWED, Defence
-from .protocol.rules import CLIENT_VERBS, Phase, Verb
-from .protocol.session import (
+from .protocol.events import (
+    CloseReason,
     Event,
     Forwarded,
     LocalReply,
     MessageDone,
+    MessageOutcome,
     PolicyAction,
     UpstreamReplied,
     Violation,
 )
+from .protocol.policy import ALLOWED, LIMIT_ACTIONS, Defence
+from .protocol.rules import CLIENT_VERBS, Phase, Verb
 
 #: Codes smtpguard can answer with on its own.
 LOCAL_CODES = (
@@ -56,25 +58,9 @@ LOCAL_CODES = (
     "554",
 )
 #: Why a session ended (see ``Session.close_reason``).
-CLOSE_REASONS = (
-    "quit",
-    "client_closed",
-    "client_timeout",
-    "upstream_closed",
-    "upstream_timeout",
-    "upstream_error",
-    "upstream_refused",
-    "upstream_busy",
-    "shutdown",
-    "policy",
-    "tls_failed",
-    "internal_error",
-)
+CLOSE_REASONS = tuple(CloseReason)
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "error")
-MESSAGE_OUTCOMES = ("accepted", "rejected", "aborted")
-#: Upstream steps: the client verbs plus the pseudo-steps the upstream answers.
-STEPS = tuple(v.value for v in Verb)
-REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+MESSAGE_OUTCOMES = tuple(MessageOutcome)
 
 
 class Metrics:
@@ -226,7 +212,7 @@ class Metrics:
             registry=r,
         )
         for defence in Defence:
-            for action in ALLOWED.get(defence, ("observe", "reject")):
+            for action in ALLOWED.get(defence, LIMIT_ACTIONS):
                 self.policy_actions.labels(defence.value, action)
         self.upstream_up = Gauge(
             "smtpguard_upstream_up",
@@ -319,7 +305,10 @@ class Metrics:
             d: self.bytes.labels(d) for d in ("client_to_upstream", "upstream_to_client")
         }
         self._replies: dict[tuple[Verb, int], Any] = {}
-        self._closed = {reason: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS}
+        # Keyed by the reason's string (a CloseReason is one: same hash).
+        self._closed: dict[str, Any] = {
+            reason.value: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS
+        }
 
     def config_loaded(self, ok: bool) -> None:
         """Record a configuration (re)load: at start, and on every SIGHUP."""
@@ -355,7 +344,7 @@ class Metrics:
 
     def session_closed(self, reason: str) -> None:
         self.sessions_open.dec()
-        child = self._closed.get(reason) or self._closed["internal_error"]
+        child = self._closed.get(reason) or self._closed[CloseReason.INTERNAL_ERROR]
         child.inc()
 
     def connect_failed(self, reason: str) -> None:

@@ -57,11 +57,17 @@ UPSTREAM_LOST = Reply(421, "4.4.2", "{hostname} Error: lost connection to mail s
 UPSTREAM_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: mail server timeout")
 #: The client was idle too long.
 CLIENT_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
-#: Too many commands queued ahead of their replies.
-TOO_MANY_PIPELINED = Reply(421, "4.7.0", "{hostname} Error: too many pipelined commands")
 #: QUIT answered by smtpguard (deferred connect: no upstream was needed).
 BYE = Reply(221, "2.0.0", "Bye")
 #: Every upstream session slot is taken and the wait for one ran out.
 UPSTREAM_BUSY = Reply(421, "4.3.2", "{hostname} Service busy, try again later")
 #: The service is shutting down.
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} Service shutting down, closing connection")
+
+
+def help_reply(text: tuple[str, ...], enhanced: bool) -> bytes:
+    """HELP answered locally: the configured lines, then the end (214, RFC 5321 4.1.1.8)."""
+    code = "214-2.0.0 " if enhanced else "214-"
+    out = "".join(f"{code}{t}\r\n" for t in text)
+    out += "214 2.0.0 End of HELP info\r\n" if enhanced else "214 End of HELP info\r\n"
+    return out.encode()
