@@ -64,6 +64,7 @@ from .queue import Render, ReplyQueue, Slot
 from .rules import (
     BROKEN,
     EXTENSION_OF,
+    FRAMING,
     HOLD,
     LOCAL_ANSWERS,
     LOCAL_ONLY,
@@ -79,6 +80,7 @@ from .rules import (
     local_answer,
     must_end_transaction,
     only,
+    permitted,
     transition,
     verdict,
 )
@@ -99,6 +101,22 @@ __all__ = [
 ]
 
 _OBSERVE, _REJECT, _DISCONNECT = Action.OBSERVE, Action.REJECT, Action.DISCONNECT
+#: Verbs the fast path forwards when in sequence (the others may have a
+#: local answer: see rules.LOCAL_ANSWERS; EHLO/HELO only without one).
+_FAST_VERBS = frozenset(
+    {
+        Verb.EHLO,
+        Verb.HELO,
+        Verb.MAIL,
+        Verb.RCPT,
+        Verb.DATA,
+        Verb.RSET,
+        Verb.NOOP,
+        Verb.QUIT,
+        Verb.VRFY,
+        Verb.EXPN,
+    }
+)
 _ABORTED = MessageOutcome.ABORTED
 _C = CloseReason
 
@@ -262,6 +280,8 @@ class Session:
 
     def receive_client(self, data: bytes | bytearray) -> None:
         """Bytes from the client."""
+        if self._ready_for_fast_path() and self._fast_command(data):
+            return
         if self.close_reason is not None or self._client_done:
             return
         if self._tls_pending:
@@ -304,7 +324,8 @@ class Session:
             if self.close_reason is not None:
                 return
         self._flush()
-        self._process_client()
+        if self._client_buf or self._queue.held is not None or self._chunk is not None:
+            self._process_client()  # (nothing to do for it otherwise)
         self._maybe_finish()
 
     def client_eof(self) -> None:
@@ -638,6 +659,57 @@ class Session:
             if line.endswith(b"\r"):
                 return line[:-1], False
             return line, True
+
+    # -------------------------------------------------------- fast path
+    #
+    # A client whose command arrives alone, in sequence, with nothing owed
+    # (the common case: a client that waits for each reply) is forwarded
+    # here without the general machinery: no line buffer, no set algebra,
+    # no policy calls.  Anything unusual (a violation, a local answer, a
+    # limit, a bare CR) returns False and takes the full path, which
+    # decides it from the start.
+
+    def _ready_for_fast_path(self) -> bool:
+        queue = self._queue
+        return not (
+            queue.owed
+            or queue.inflight
+            or self._client_buf
+            or self._chunk is not None
+            or self._body is not None
+            or self.close_reason is not None
+            or self._client_done
+            or self._tls_pending
+            or self._final is not None
+            or self._discarding_long_line
+            or self._refusal is not None
+        )
+
+    def _fast_command(self, data: bytes | bytearray) -> bool:
+        end = len(data) - 2
+        if end < 4 or end + 2 > self.options.max_line_bytes or data[end:] != b"\r\n":
+            return False
+        line = bytes(data[:end])
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            return False
+        verb = VERB_BY_NAME.get(line.split(b" ", 1)[0].upper())
+        if verb is None or verb not in _FAST_VERBS or (verb in LOCAL_ANSWERS and self._reidentify):
+            return False
+        state = self.state
+        if FRAMING[state.phase] is not Framing.COMMAND or permitted(state, verb) is not None:
+            return False
+        if verb is Verb.MAIL:
+            if self.options.policy.max_message_bytes or not self._admitted(verb):
+                return self.options.policy.max_message_bytes == 0  # refused: answered
+            self._new_transaction()
+        elif verb is Verb.RCPT:
+            if self._txn.rcpts >= self.options.policy.max_recipients:
+                return False
+            if not self._admitted(verb):
+                return True
+            self._txn.rcpts += 1
+        self._forward(verb, verb, line)
+        return True
 
     # --------------------------------------------------------- commands
 

@@ -256,3 +256,65 @@ def test_enums_are_their_strings() -> None:
     assert CloseReason("quit") is CloseReason.QUIT and CloseReason.QUIT == "quit"
     assert {CloseReason.POLICY: 1}["policy"] == 1
     assert SessionOptions(annotate="always").annotate is AnnotateMode.ALWAYS  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- fast path
+
+_SCRIPT = [
+    ("up", b"220 up ESMTP\r\n"),
+    ("client", b"EHLO c\r\n"),
+    ("up", b"250-up\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"),
+    ("client", b"RCPT TO:<early@x>\r\n"),  # out of sequence: full path
+    ("client", b"MAIL FROM:<a@x>\r\n"),
+    ("up", b"250 2.1.0 Ok\r\n"),
+    ("client", b"RCPT TO:<b@x>\r\n"),
+    ("up", b"250 2.1.5 Ok\r\n"),
+    ("client", b"NOOP\r\n"),
+    ("up", b"250 2.0.0 Ok\r\n"),
+    ("client", b"DATA\r\n"),
+    ("up", b"354 go\r\n"),
+    ("client", b"Subject: x\r\n\r\nbody\r\n.\r\n"),
+    ("up", b"250 2.0.0 queued\r\n"),
+    ("client", b"HELP\r\n"),  # may be local: full path
+    ("up", b"214 help\r\n"),
+    ("client", b"QUIT\r\n"),
+    ("up", b"221 Bye\r\n"),
+]
+
+
+def _run(fast: bool, monkeypatch: pytest.MonkeyPatch, **options: object) -> list[object]:
+    from smtpguard.protocol.session import Session
+
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(Session, "_ready_for_fast_path", lambda self: False)
+        s = Session(SessionOptions(**options))  # type: ignore[arg-type]
+        seen: list[object] = []
+        for who, data in _SCRIPT:
+            (s.receive_upstream if who == "up" else s.receive_client)(data)
+            seen += [s.take_client_bytes(), s.take_upstream_bytes(), s.take_events()]
+            seen.append((s.state, s.close_reason, s.commands_seen, s.violations))
+        return seen
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"help_local": True}, {"policy": Policy(max_recipients=0)}, {"max_line_bytes": 12}],
+    ids=["default", "help_local", "max_recipients", "short_lines"],
+)
+def test_the_fast_path_decides_as_the_full_path(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, object]
+) -> None:
+    assert _run(True, monkeypatch, **options) == _run(False, monkeypatch, **options)
+
+
+def test_the_fast_path_asks_admit_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def admit(kind: str) -> bool:
+        asked.append(kind)
+        return kind != "recipient"
+
+    out = _run(True, monkeypatch, admit=admit)
+    assert asked == ["message", "recipient"]
+    assert any(b"450 4.7.1" in x for x in out if isinstance(x, bytes))
