@@ -21,7 +21,8 @@ import yaml
 from . import tlsctx
 from .clientrates import RateSettings
 from .protocol import SessionOptions
-from .protocol.policy import ALLOWED, Policy
+from .protocol.options import AnnotateMode
+from .protocol.policy import ALLOWED, Action, Policy, PolicyMode
 
 
 class ConfigError(Exception):
@@ -510,11 +511,12 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
 def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, float]:
     """``policy:`` and the limits it enforces; ``mode: observe`` turns every action to observe."""
     section = _section(raw, "policy", {"mode", "greet_wait_seconds", *(d.value for d in ALLOWED)})
-    mode = section.get("mode", "enforce")
-    if mode not in ("observe", "enforce"):
+    mode = section.get("mode", PolicyMode.ENFORCE)
+    if mode not in tuple(PolicyMode):
         raise ConfigError("policy.mode", f"must be 'observe' or 'enforce', got {mode!r}")
+    observe = PolicyMode(mode) is PolicyMode.OBSERVE
     defaults = Policy()
-    actions: dict[str, str] = {}
+    actions: dict[str, Action] = {}
     for defence, allowed in ALLOWED.items():
         key = defence.value
         action = section.get(key, getattr(defaults, key))
@@ -522,7 +524,7 @@ def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, 
             raise ConfigError(
                 f"policy.{key}", f"must be one of {', '.join(allowed)}, got {action!r}"
             )
-        actions[key] = "observe" if mode == "observe" else action
+        actions[key] = Action.OBSERVE if observe else Action(action)
     greet_wait = _number("policy.greet_wait_seconds", section.get("greet_wait_seconds", 0), 0)
 
     def limit(key: str, default: int) -> int:
@@ -534,7 +536,7 @@ def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, 
         max_recipients=limit("max_recipients", defaults.max_recipients),
         max_unknown_commands=limit("max_unknown_commands", defaults.max_unknown_commands),
         hard_error_limit=limit("hard_error_limit", defaults.hard_error_limit),
-        observe_limits=mode == "observe",
+        observe_limits=observe,
         **actions,
     )
     return policy, float(greet_wait)
@@ -702,12 +704,12 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         raise ConfigError("log.format", f"must be 'logfmt' or 'json', got {log_format!r}")
 
     annotate = _section(raw, "annotate", {"mode", "header"})
-    annotate_mode = annotate.get("mode", "off")
+    annotate_mode = annotate.get("mode", AnnotateMode.OFF)
     if annotate_mode is False:
-        annotate_mode = "off"
+        annotate_mode = AnnotateMode.OFF
     if annotate_mode is True:
-        annotate_mode = "always"
-    if annotate_mode not in ("off", "always", "violations"):
+        annotate_mode = AnnotateMode.ALWAYS
+    if annotate_mode not in tuple(AnnotateMode):
         raise ConfigError(
             "annotate.mode", f"must be off, always or violations, got {annotate_mode!r}"
         )
@@ -723,7 +725,7 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         tls_offered=tls is not None,
         auth_require_tls=auth_require_tls,
         policy=policy,
-        annotate=annotate_mode,
+        annotate=AnnotateMode(annotate_mode),
         annotate_header=header,
         hostname=hostname,
         help_local=_bool("help.local", help_.get("local", True)),

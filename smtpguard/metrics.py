@@ -25,17 +25,19 @@ from prometheus_client import (
 
 from . import __version__
 from .edges import HANDSHAKE_FAILURES
-from .protocol.policy import ALLOWED, Defence
-from .protocol.rules import CLIENT_VERBS, Phase, Verb
-from .protocol.session import (
+from .protocol.events import (
+    CloseReason,
     Event,
     Forwarded,
     LocalReply,
     MessageDone,
+    MessageOutcome,
     PolicyAction,
     UpstreamReplied,
     Violation,
 )
+from .protocol.policy import ALLOWED, LIMIT_ACTIONS, Defence
+from .protocol.rules import CLIENT_VERBS, Phase, Verb
 
 #: The shared store's calls (store.Op; not imported: the store needs coredis).
 STORE_OPS = ("connect", "upstream_slot", "sync", "violations", "ping")
@@ -60,22 +62,9 @@ LOCAL_CODES = (
     "554",
 )
 #: Why a session ended (see ``Session.close_reason``).
-CLOSE_REASONS = (
-    "quit",
-    "client_closed",
-    "client_timeout",
-    "upstream_closed",
-    "upstream_timeout",
-    "upstream_error",
-    "upstream_refused",
-    "upstream_busy",
-    "shutdown",
-    "policy",
-    "tls_failed",
-    "internal_error",
-)
+CLOSE_REASONS = tuple(CloseReason)
 CONNECT_FAILURES = ("refused", "timeout", "unreachable", "error")
-MESSAGE_OUTCOMES = ("accepted", "rejected", "aborted")
+MESSAGE_OUTCOMES = tuple(MessageOutcome)
 DIRECTIONS = ("client_to_upstream", "upstream_to_client")
 #: ``smtpguard_upstream_reply_seconds`` buckets.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -317,7 +306,7 @@ FAMILIES = (
         series=tuple(
             (defence.value, action)
             for defence in Defence
-            for action in ALLOWED.get(defence, ("observe", "reject"))
+            for action in ALLOWED.get(defence, LIMIT_ACTIONS)
         ),
     ),
     Family(
@@ -460,7 +449,10 @@ class Metrics:
         self._latency = {v: self.upstream_latency.labels(v.value) for v in Verb}
         self._bytes = {d: self.bytes.labels(d) for d in DIRECTIONS}
         self._replies: dict[tuple[Verb, int], Any] = {}
-        self._closed = {reason: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS}
+        # Keyed by the reason's string (a CloseReason is one: same hash).
+        self._closed: dict[str, Any] = {
+            reason.value: self.sessions_closed.labels(reason) for reason in CLOSE_REASONS
+        }
 
     def config_loaded(self, ok: bool) -> None:
         """Record a configuration (re)load: at start, and on every SIGHUP."""
@@ -496,7 +488,7 @@ class Metrics:
 
     def session_closed(self, reason: str) -> None:
         self.sessions_open.dec()
-        child = self._closed.get(reason) or self._closed["internal_error"]
+        child = self._closed.get(reason) or self._closed[CloseReason.INTERNAL_ERROR]
         child.inc()
 
     def connect_failed(self, reason: str) -> None:

@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from .protocol.events import (
+    Event,
+    LocalReply,
+    MessageDone,
+    MessageOutcome,
+    UpstreamReplied,
+    Violation,
+)
 from .protocol.rules import Verb
-from .protocol.session import Event, LocalReply, MessageDone, UpstreamReplied, Violation
 
 # Replies to these steps are not commands of their own (they continue one).
 _NOT_COMMANDS = frozenset({Verb.GREETING, Verb.DATA_END, Verb.AUTH_RESPONSE})
@@ -64,7 +71,7 @@ class SessionSummary:
             out[name] = _count(self.ok[name], self.total[name])
         out["commands"] = _count(sum(self.ok.values()), sum(self.total.values()))
         out["violations"] = self.violations
-        for outcome in ("accepted", "rejected", "aborted"):
+        for outcome in MessageOutcome:
             if self.messages[outcome]:
                 out[f"messages_{outcome}"] = self.messages[outcome]
         return out

@@ -33,9 +33,6 @@ from .framing import find_data_end
 
 _BREAK = re.compile(rb"[\r\n]")
 
-#: What line mode records (closed set: metric labels).
-FINDINGS = ("bare_lf", "bare_cr", "nul", "end_lookalike")
-
 
 class BodyFilter:
     """One DATA body, chunk by chunk."""
@@ -140,3 +137,35 @@ class BodyFilter:
                 content = b"." + content
                 cleaned = b"." + cleaned
         return cleaned if self.normalize else content
+
+
+class DataReader:
+    """One DATA body, from the 354 to the final dot: the filter, and what the
+    defences need to know about it (findings already reported, text lines)."""
+
+    __slots__ = ("filter", "reported", "line_bytes", "line_reported")
+
+    def __init__(self, action: str = "normalize") -> None:
+        self.filter = BodyFilter(action)
+        self.reported: set[str] = set()
+        #: Length of the text line in progress.
+        self.line_bytes = 0
+        #: The text line limit was reported (once per message).
+        self.line_reported = False
+
+    def new_findings(self) -> list[str]:
+        """Findings not reported yet (sorted), now counted as reported."""
+        new = self.filter.findings - self.reported
+        self.reported |= new
+        return sorted(new)
+
+    def longest_line(self, out: bytes) -> int:
+        """The longest text line ``out`` ends or continues, CRLF included
+        (only asked when a limit is configured: it costs a split)."""
+        if out.rfind(b"\n") < 0:
+            self.line_bytes += len(out)
+            return self.line_bytes
+        lines = out.split(b"\n")
+        longest = max([self.line_bytes + len(lines[0]) + 1, *(len(x) + 1 for x in lines[1:-1])])
+        self.line_bytes = len(lines[-1])
+        return longest

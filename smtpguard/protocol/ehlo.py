@@ -14,17 +14,20 @@ is active.  Two rules, from "one view of the session":
 
 The command line limit grows with the advertised extensions, as RFC 5321
 4.5.3.1.4 lets service extensions raise it (``LINE_INCREMENTS``).
+
+:func:`rewrite` is the composition of small steps, each pure: parse the
+upstream's lines (:func:`parse`), decide what is hidden (:func:`hidden`),
+keep and add lines (:func:`shown`, :func:`announce_size`), and render.
+It is memoized: every session to one upstream gets the same reply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-from .rules import Verb
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .session import SessionOptions
+from .options import SessionOptions
+from .rules import EXTENSION_OF, Verb
 
 #: EHLO keywords relayed to the client when the upstream advertises them:
 #: extensions that only add MAIL/RCPT parameters or reply formats (the
@@ -76,6 +79,10 @@ class Capabilities(NamedTuple):
     upstream: frozenset[bytes] = frozenset()
     #: Keywords shown to the client (upper case).
     offered: frozenset[bytes] = frozenset()
+    #: Extension keywords (``rules.EXTENSION_OF``) whose verbs the client may
+    #: send: offered, or hidden by a policy that has its own refusal (AUTH
+    #: before TLS gets 538, not "not enabled").
+    usable: frozenset[bytes] = frozenset()
     #: Enhanced status codes (RFC 2034) are used on this session.
     enhanced: bool = False
     #: Commands may be pipelined to the upstream.
@@ -89,6 +96,8 @@ class Capabilities(NamedTuple):
 #: Before EHLO, or after HELO: no extension at all.
 NO_EXTENSIONS = Capabilities()
 
+_EXTENSION_KEYWORDS = frozenset(EXTENSION_OF.values())
+
 
 def keyword(text: bytes) -> bytes:
     """The keyword of one EHLO line's text (after ``250-``), upper case."""
@@ -100,16 +109,21 @@ def keyword(text: bytes) -> bytes:
     return b"AUTH" if word.startswith(b"AUTH=") else word
 
 
-def rewrite(
-    lines: Sequence[bytes], options: SessionOptions, tls_active: bool
-) -> tuple[bytes, Capabilities]:
-    """The EHLO reply for the client, and the session's capabilities.
-
-    ``lines`` are the upstream's reply lines with their CRLF (the first is
-    the greeting line).
-    """
+def parse(lines: Sequence[bytes]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The greeting line's text, and ``(keyword, text)`` per extension line."""
     first = lines[0]
-    kept: list[bytes] = [first[4:] if first[3:4] in (b"-", b" ") else b"\r\n"]
+    greeting = first[4:] if first[3:4] in (b"-", b" ") else b"\r\n"
+    texts: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        text = line[4:]
+        word = keyword(text)
+        if word:
+            texts.append((word, text))
+    return greeting, texts
+
+
+def hidden(options: SessionOptions, tls_active: bool, upstream: frozenset[bytes]) -> set[bytes]:
+    """The keywords the client must not see, whatever the upstream says."""
     discard = {k.encode() for k in options.discard_keywords}
     if options.auth_require_tls and not tls_active:
         discard.add(b"AUTH")
@@ -117,16 +131,19 @@ def rewrite(
         discard.add(b"CHUNKING")
     if not options.offer_pipelining:
         discard.add(b"PIPELINING")
-    upstream: set[bytes] = set()
-    texts: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        text = line[4:]
-        word = keyword(text)
-        if word:
-            upstream.add(word)
-            texts.append((word, text))
     if b"CHUNKING" in discard or b"CHUNKING" not in upstream:
         discard.add(b"BINARYMIME")  # BODY=BINARYMIME needs BDAT (RFC 3030 3)
+    return discard
+
+
+def shown(
+    texts: Sequence[tuple[bytes, bytes]],
+    discard: set[bytes],
+    options: SessionOptions,
+    tls_active: bool,
+) -> tuple[list[bytes], set[bytes]]:
+    """The extension lines for the client, and their keywords."""
+    kept: list[bytes] = []
     offered: set[bytes] = set()
     for word, text in texts:
         if word in RELAYED and word not in discard:
@@ -138,34 +155,122 @@ def rewrite(
     if options.tls_offered and not tls_active:
         kept.append(b"STARTTLS\r\n")
         offered.add(b"STARTTLS")
-    limit = options.policy.max_message_bytes
-    if limit:
-        # Announce our own limit where it is lower than the upstream's.
-        for i, text in enumerate(kept):
-            if i and keyword(text) == b"SIZE":
-                value = text.split()[1:2]
-                theirs = int(value[0]) if value and value[0].isdigit() else 0
-                if not theirs or theirs > limit:
-                    kept[i] = b"SIZE %d\r\n" % limit
-                break
-        else:
-            kept.append(b"SIZE %d\r\n" % limit)
-            offered.add(b"SIZE")
-    line_limits: dict[Verb, int] = {}
+    return kept, offered
+
+
+def announce_size(kept: list[bytes], offered: set[bytes], limit: int) -> None:
+    """Announce our own size limit where it is lower than the upstream's."""
+    for i, text in enumerate(kept):
+        if keyword(text) == b"SIZE":
+            value = text.split()[1:2]
+            theirs = int(value[0]) if value and value[0].isdigit() else 0
+            if not theirs or theirs > limit:
+                kept[i] = b"SIZE %d\r\n" % limit
+            return
+    kept.append(b"SIZE %d\r\n" % limit)
+    offered.add(b"SIZE")
+
+
+def line_limits(offered: set[bytes], base: int) -> dict[Verb, int]:
+    """The longest command line per verb, raised by the offered extensions."""
+    limits: dict[Verb, int] = {}
     for word in offered:
         for verb, extra in LINE_INCREMENTS.get(word, {}).items():
-            line_limits[verb] = line_limits.get(verb, options.max_line_bytes) + extra
-    code = first[:3]
-    out = bytearray()
-    last = len(kept) - 1
-    for i, text in enumerate(kept):
-        out += code + (b" " if i == last else b"-") + text
+            limits[verb] = limits.get(verb, base) + extra
+    return limits
+
+
+def usable(
+    upstream: frozenset[bytes], offered: set[bytes], options: SessionOptions, tls_active: bool
+) -> frozenset[bytes]:
+    """The extension keywords whose verbs the client may send."""
+    result = {k for k in _EXTENSION_KEYWORDS if k in upstream and k in offered}
+    if (
+        b"AUTH" in upstream
+        and options.auth_require_tls
+        and not tls_active
+        and "AUTH" not in options.discard_keywords
+    ):
+        result.add(b"AUTH")  # hidden before TLS: refused 538, not "not enabled"
+    return frozenset(result)
+
+
+def render(code: bytes, greeting: bytes, kept: Sequence[bytes]) -> bytes:
+    """A multi-line reply: ``code-`` on every line but the last."""
+    lines = [greeting, *kept]
+    last = len(lines) - 1
+    return b"".join(code + (b" " if i == last else b"-") + text for i, text in enumerate(lines))
+
+
+_CACHE: dict[tuple[object, ...], tuple[bytes, Capabilities]] = {}
+_CACHE_LIMIT = 256
+
+
+def rewrite(
+    lines: Sequence[bytes], options: SessionOptions, tls_active: bool
+) -> tuple[bytes, Capabilities]:
+    """The EHLO reply for the client, and the session's capabilities.
+
+    ``lines`` are the upstream's reply lines with their CRLF (the first is
+    the greeting line).
+    """
+    key = (
+        tuple(lines),
+        tls_active,
+        options.discard_keywords,
+        options.auth_require_tls,
+        options.chunking,
+        options.offer_pipelining,
+        options.upstream_pipelining,
+        options.tls_offered,
+        options.policy.max_message_bytes,
+        options.max_line_bytes,
+    )
+    try:
+        return _CACHE[key]
+    except KeyError:
+        pass
+    result = _rewrite(lines, options, tls_active)
+    if len(_CACHE) >= _CACHE_LIMIT:
+        _CACHE.clear()
+    _CACHE[key] = result
+    return result
+
+
+def _rewrite(
+    lines: Sequence[bytes], options: SessionOptions, tls_active: bool
+) -> tuple[bytes, Capabilities]:
+    greeting, texts = parse(lines)
+    upstream = frozenset(word for word, _ in texts)
+    kept, offered = shown(texts, hidden(options, tls_active, upstream), options, tls_active)
+    if options.policy.max_message_bytes:
+        announce_size(kept, offered, options.policy.max_message_bytes)
     caps = Capabilities(
-        upstream=frozenset(upstream),
+        upstream=upstream,
         offered=frozenset(offered),
+        usable=usable(upstream, offered, options, tls_active),
         enhanced=b"ENHANCEDSTATUSCODES" in offered,
         upstream_pipelining=b"PIPELINING" in upstream and options.upstream_pipelining,
         client_pipelining=options.offer_pipelining,
-        line_limits=line_limits,
+        line_limits=line_limits(offered, options.max_line_bytes),
     )
-    return bytes(out), caps
+    return render(lines[0][:3], greeting, kept), caps
+
+
+def after_starttls(caps: Capabilities) -> Capabilities:
+    """RFC 3207 4.2: the client forgets what it was offered (a new EHLO is
+    due); the upstream's session, which never saw STARTTLS, is unchanged."""
+    return caps._replace(
+        offered=frozenset(),
+        usable=frozenset(),
+        enhanced=False,
+        client_pipelining=False,
+        line_limits={},
+    )
+
+
+def helo_reply(upstream_ehlo: Sequence[bytes], hostname: str) -> bytes:
+    """A HELO answered locally (after STARTTLS), named as the upstream's EHLO."""
+    words = upstream_ehlo[0][4:].split(None, 1)
+    name = words[0] if words else hostname.encode()
+    return b"250 " + name + b"\r\n"

@@ -46,11 +46,9 @@ class ReplyParser:
         buf = self._buf
         if not buf and not self._lines:
             # The usual case: one whole single-line reply in one read.
-            end = data.find(b"\n")
-            if end == len(data) - 1 and 5 < end < self._max_line_bytes and data[end - 1] == 13:
-                code_bytes = data[:3]
-                if data[3] == 32 and code_bytes.isdigit() and 200 <= int(code_bytes) <= 599:
-                    return [UpstreamReply(int(code_bytes), (bytes(data),))]
+            single = self._single(data)
+            if single is not None:
+                return [single]
         buf += data
         replies: list[UpstreamReply] = []
         while True:
@@ -61,26 +59,42 @@ class ReplyParser:
                 return replies
             line = bytes(buf[: end + 1])
             del buf[: end + 1]
-            if len(line) > self._max_line_bytes:
-                raise UpstreamProtocolError("reply line too long")
-            code_bytes = line[:3]
-            sep = line[3:4]
-            if not code_bytes.isdigit() or sep not in (b"-", b" ", b"\r", b"\n"):
-                raise UpstreamProtocolError("malformed reply line")
-            code = int(code_bytes)
-            if not 200 <= code <= 599:
-                raise UpstreamProtocolError("reply code out of range")
-            if self._lines and int(self._lines[0][:3]) != code:
-                raise UpstreamProtocolError("reply code changed inside a multi-line reply")
-            if not line.endswith(b"\r\n"):
-                line = line[:-1] + b"\r\n"
-            self._lines.append(line)
-            if sep == b"-":
-                if len(self._lines) > self._max_lines:
-                    raise UpstreamProtocolError("too many reply lines")
-                continue
-            replies.append(UpstreamReply(code, tuple(self._lines)))
-            self._lines = []
+            reply = self._line(line)
+            if reply is not None:
+                replies.append(reply)
+
+    def _single(self, data: bytes | bytearray) -> UpstreamReply | None:
+        """``data`` as one whole single-line reply, or None if it is not one."""
+        end = data.find(b"\n")
+        if end == len(data) - 1 and 5 < end < self._max_line_bytes and data[end - 1] == 13:
+            code_bytes = data[:3]
+            if data[3] == 32 and code_bytes.isdigit() and 200 <= int(code_bytes) <= 599:
+                return UpstreamReply(int(code_bytes), (bytes(data),))
+        return None
+
+    def _line(self, line: bytes) -> UpstreamReply | None:
+        """One reply line (LF included); the reply if it ends one."""
+        if len(line) > self._max_line_bytes:
+            raise UpstreamProtocolError("reply line too long")
+        code_bytes = line[:3]
+        sep = line[3:4]
+        if not code_bytes.isdigit() or sep not in (b"-", b" ", b"\r", b"\n"):
+            raise UpstreamProtocolError("malformed reply line")
+        code = int(code_bytes)
+        if not 200 <= code <= 599:
+            raise UpstreamProtocolError("reply code out of range")
+        if self._lines and int(self._lines[0][:3]) != code:
+            raise UpstreamProtocolError("reply code changed inside a multi-line reply")
+        if not line.endswith(b"\r\n"):
+            line = line[:-1] + b"\r\n"
+        self._lines.append(line)
+        if sep == b"-":
+            if len(self._lines) > self._max_lines:
+                raise UpstreamProtocolError("too many reply lines")
+            return None
+        reply = UpstreamReply(code, tuple(self._lines))
+        self._lines = []
+        return reply
 
     @property
     def pending(self) -> bool:

@@ -1,11 +1,7 @@
 """Protection policies, as data: which defence takes which action.
 
-Each defence has an action:
-
-- ``observe``: count and log, carry on as before (forward);
-- ``reject``: answer locally, forward nothing;
-- ``disconnect``: answer locally, then close the session;
-- ``normalize`` (smuggling only): rewrite to one unambiguous message.
+Each defence has an :class:`Action`: observe, reject, disconnect, or
+(smuggling only) normalize.
 
 A global ``mode: observe`` turns every action into ``observe`` so an
 operator can roll out safely; the configuration layer applies it.
@@ -15,7 +11,8 @@ another (see :mod:`.body`).  Defaults follow Postfix 3.9.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, fields
 
 from .replies import Reply
 from .rules import FastEnum
@@ -53,33 +50,69 @@ class Defence(FastEnum):
     PROXY_PROTOCOL = "proxy_protocol"
 
 
-ACTIONS = ("observe", "reject", "disconnect", "normalize")
+class Action(enum.StrEnum):
+    """What a defence does (the ``action`` label of ``smtpguard_policy_actions_total``).
 
-#: Which actions each defence can take (the config layer validates against it).
-ALLOWED: dict[Defence, tuple[str, ...]] = {
-    Defence.SEQUENCE: ("observe", "reject", "disconnect"),
-    Defence.SMUGGLING: ("observe", "normalize", "reject"),
-    Defence.PIPELINING: ("observe", "reject", "disconnect"),
-    Defence.EARLY_TALK: ("observe", "reject", "disconnect"),
-    Defence.NON_SMTP: ("observe", "disconnect"),
+    A ``str`` enum: configuration values and metric labels are its values.
+    """
+
+    #: Count and log, carry on as before (forward).
+    OBSERVE = "observe"
+    #: Answer locally, forward nothing.
+    REJECT = "reject"
+    #: Answer locally, then close the session.
+    DISCONNECT = "disconnect"
+    #: Rewrite to one unambiguous message (smuggling only).
+    NORMALIZE = "normalize"
+
+
+class PolicyMode(enum.StrEnum):
+    """``policy.mode``: ``observe`` turns every action into observe."""
+
+    #: Every defence acts as configured.
+    ENFORCE = "enforce"
+    #: Every defence only counts and logs (a safe roll-out).
+    OBSERVE = "observe"
+
+
+_OBSERVE, _REJECT, _DISCONNECT, _NORMALIZE = (
+    Action.OBSERVE,
+    Action.REJECT,
+    Action.DISCONNECT,
+    Action.NORMALIZE,
+)
+
+#: Which actions each defence can take (the config layer validates against
+#: it); a defence not listed can observe or reject.
+ALLOWED: dict[Defence, tuple[Action, ...]] = {
+    Defence.SEQUENCE: (_OBSERVE, _REJECT, _DISCONNECT),
+    Defence.SMUGGLING: (_OBSERVE, _NORMALIZE, _REJECT),
+    Defence.PIPELINING: (_OBSERVE, _REJECT, _DISCONNECT),
+    Defence.EARLY_TALK: (_OBSERVE, _REJECT, _DISCONNECT),
+    Defence.NON_SMTP: (_OBSERVE, _DISCONNECT),
 }
+#: The actions of a defence not in ``ALLOWED``: limits only count or refuse.
+LIMIT_ACTIONS: tuple[Action, ...] = (_OBSERVE, _REJECT)
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Effective actions and limits for one session (``observe`` mode applied)."""
+    """Effective actions and limits for one session (``observe`` mode applied).
 
-    sequence: str = "reject"
+    Actions may be given as their strings; they are stored as :class:`Action`.
+    """
+
+    sequence: Action = _REJECT
     #: Postfix 3.9: smtpd_forbid_bare_newline = normalize.
-    smuggling: str = "normalize"
+    smuggling: Action = _NORMALIZE
     #: Postfix 3.9 disconnects (smtpd_forbid_unauth_pipelining = yes); we
     #: default to observe so that an out-of-order command pipelined after
     #: EHLO still gets its precise 503 (see the README).
-    pipelining: str = "observe"
+    pipelining: Action = _OBSERVE
     #: postscreen_greet_action = ignore.
-    early_talk: str = "observe"
+    early_talk: Action = _OBSERVE
     #: postscreen_non_smtp_command_action = drop.
-    non_smtp: str = "disconnect"
+    non_smtp: Action = _DISCONNECT
     #: 0 = no limit of our own (the upstream's SIZE still applies upstream).
     max_message_bytes: int = 0
     #: Longest text line in a DATA body, CRLF included (RFC 5321 4.5.3.1.6:
@@ -94,11 +127,17 @@ class Policy:
     #: Every limit above only counts (``mode: observe``).
     observe_limits: bool = False
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type == "Action":
+                # Identity comparisons in the core: always the enum member.
+                object.__setattr__(self, f.name, Action(getattr(self, f.name)))
 
-#: RFC 2920 3.1 (and RFC 3207, RFC 4954): commands that must end a group.
-GROUP_ENDERS = frozenset(
-    {"EHLO", "HELO", "DATA", "VRFY", "EXPN", "QUIT", "NOOP", "STARTTLS", "AUTH", "AUTH_RESPONSE"}
-)
+    @property
+    def limit_action(self) -> Action:
+        """What a limit does when it is reached: reject, or only observe."""
+        return _OBSERVE if self.observe_limits else _REJECT
+
 
 #: Words that mark a client that does not speak SMTP at all.
 NON_SMTP_WORDS = frozenset(

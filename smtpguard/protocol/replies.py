@@ -57,8 +57,6 @@ UPSTREAM_LOST = Reply(421, "4.4.2", "{hostname} Error: lost connection to mail s
 UPSTREAM_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: mail server timeout")
 #: The client was idle too long.
 CLIENT_TIMEOUT = Reply(421, "4.4.2", "{hostname} Error: timeout exceeded")
-#: Too many commands queued ahead of their replies.
-TOO_MANY_PIPELINED = Reply(421, "4.7.0", "{hostname} Error: too many pipelined commands")
 #: QUIT answered by smtpguard (deferred connect: no upstream was needed).
 BYE = Reply(221, "2.0.0", "Bye")
 #: Every upstream session slot is taken and the wait for one ran out.
@@ -91,3 +89,11 @@ UNSUPPORTED_PARAMETER = Reply(555, "5.5.4", "Unsupported option: {option}")
 BAD_PARAMETER = Reply(501, "5.5.4", "Bad {keyword} parameter syntax")
 #: A non-ASCII address outside an SMTPUTF8 transaction (RFC 6531 3.6, Postfix's text).
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+
+
+def help_reply(text: tuple[str, ...], enhanced: bool) -> bytes:
+    """HELP answered locally: the configured lines, then the end (214, RFC 5321 4.1.1.8)."""
+    code = "214-2.0.0 " if enhanced else "214-"
+    out = "".join(f"{code}{t}\r\n" for t in text)
+    out += "214 2.0.0 End of HELP info\r\n" if enhanced else "214 End of HELP info\r\n"
+    return out.encode()

@@ -28,6 +28,27 @@ the proxy can always tell what the upstream believes.
 as a DATA body, or as SASL response lines.  When an in-flight reply could
 change the framing (DATA, AUTH) the proxy stops reading until it arrives.
 
+Around those two tables, the rest of the order is data too:
+
+``ONLY_FROM``
+    the phases a step moves from at all (RSET ends a transaction only where
+    one is open; elsewhere its 250 is a no-op).
+``BROKEN``
+    reply classes that are not SMTP for a step (a 3xx greeting): the
+    upstream is broken and the session ends.
+``LOCAL_ANSWERS``
+    commands smtpguard answers itself, by :class:`Condition` (facts that are
+    not part of the :class:`State`: what the client was offered, whether
+    smtpguard has a certificate, whether AUTH needs TLS ...), checked in
+    order; the first condition that holds decides.  ``APPLIED_LOCALLY``
+    lists the steps whose local 2xx moves the state as the upstream's would.
+``GROUP_ENDERS``
+    commands after which a pipelining client must wait (RFC 2920 3.1).
+
+:func:`verdict`, :func:`advance` and :func:`framing_of` apply the tables to
+the *set* of states the replies in flight could lead to; :data:`HOLD` says
+the answer depends on a reply still in flight.
+
 Sources: RFC 5321 4.1.1 and 4.1.4 (order; EHLO, HELO, RSET, NOOP, HELP,
 VRFY, EXPN and QUIT must not get 503), RFC 5321 3.1 (after a 554 greeting
 only QUIT), RFC 2920 (pipelining), RFC 3030 (BDAT; DATA inside a BDAT
@@ -39,7 +60,10 @@ once).  Reply texts follow Postfix's where Postfix has one.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+from . import replies as R
+from .replies import Reply
 
 
 class FastEnum(enum.Enum):
@@ -262,6 +286,14 @@ TRANSITIONS: dict[Verb, dict[int, Phase]] = {
 }
 #: RSET ends a transaction only where one is open; elsewhere it is a no-op.
 RSET_ENDS: frozenset[Phase] = frozenset({Phase.MAIL, Phase.RCPT, Phase.BDAT})
+TRANSITIONS[Verb.RSET] = {2: Phase.READY}
+
+#: Steps that move the phase only from some phases (elsewhere: no change).
+ONLY_FROM: dict[Verb, frozenset[Phase]] = {Verb.RSET: RSET_ENDS}
+
+#: Reply classes that are not SMTP for a step: the upstream is broken and
+#: the session ends (RFC 5321 4.3.2: a greeting is 220, 554 or 421).
+BROKEN: dict[Verb, frozenset[int]] = {Verb.GREETING: frozenset({3})}
 
 #: Flags set by a successful (2xx) reply: step -> (esmtp, authenticated, tls);
 #: ``None`` keeps the flag.
@@ -274,14 +306,130 @@ FLAG_EFFECTS: dict[Verb, tuple[bool | None, bool | None, bool | None]] = {
     Verb.STARTTLS: (False, False, True),
 }
 
-#: Steps after which the next client bytes cannot be framed until the reply
-#: is known (a 354 turns them into a body, a 334 into a SASL line).
-FRAMING_DEPENDS: frozenset[Verb] = frozenset(
-    {Verb.DATA, Verb.AUTH, Verb.AUTH_RESPONSE, Verb.STARTTLS, Verb.GREETING}
+#: RFC 2920 3.1 (and RFC 3207, RFC 4954): commands that must end a group:
+#: a client sends nothing more until their reply, even with PIPELINING.
+GROUP_ENDERS: frozenset[Verb] = frozenset(
+    {
+        Verb.EHLO,
+        Verb.HELO,
+        Verb.DATA,
+        Verb.VRFY,
+        Verb.EXPN,
+        Verb.QUIT,
+        Verb.NOOP,
+        Verb.STARTTLS,
+        Verb.AUTH,
+        Verb.AUTH_RESPONSE,
+    }
 )
 
 #: Reply classes an upstream may send.
 REPLY_CLASSES = (2, 3, 4, 5)
+
+
+class Condition(FastEnum):
+    """A fact besides the :class:`State` that decides a local answer.
+
+    The value names the :class:`Facts` field that holds it.
+    """
+
+    #: Always true (the last row of a verb's answers).
+    ALWAYS = "always"
+    #: The verb's extension (``EXTENSION_OF``) was not offered to the client.
+    UNOFFERED = "unoffered"
+    #: TLS is active on the client's side.
+    TLS_ACTIVE = "tls_active"
+    #: smtpguard has no certificate: it cannot start TLS.
+    NO_CERTIFICATE = "no_certificate"
+    #: AUTH requires TLS (``auth_require_tls``) and the session is plaintext.
+    AUTH_NEEDS_TLS = "auth_needs_tls"
+    #: STARTTLS ended the client's EHLO state but not the upstream's.
+    REIDENTIFY = "reidentify"
+    #: HELP is answered locally (``help_local``).
+    HELP_LOCAL = "help_local"
+
+
+class Facts(NamedTuple):
+    """The conditions that hold now (see :class:`Condition`)."""
+
+    always: bool = True
+    unoffered: bool = False
+    tls_active: bool = False
+    no_certificate: bool = False
+    auth_needs_tls: bool = False
+    reidentify: bool = False
+    help_local: bool = False
+
+
+class Answer(FastEnum):
+    """A local answer that is more than a fixed reply."""
+
+    #: 220, then the TLS handshake; the STARTTLS transition is applied
+    #: locally (the upstream never sees STARTTLS: smtpguard terminates TLS).
+    START_TLS = "start_tls"
+    #: EHLO/HELO after STARTTLS: the client must greet again (RFC 3207 4.2),
+    #: but the upstream already has its greeting and may refuse a second one
+    #: (OpenSMTPD: "503 5.5.1 Already identified").  Answered from the
+    #: upstream's last EHLO reply; the transition is applied locally.
+    IDENTIFY = "identify"
+    #: 214 with the configured help text.
+    HELP = "help"
+
+
+#: Commands in sequence that smtpguard answers itself: per verb, the
+#: conditions in order; the first that holds decides (a fixed reply, or an
+#: :class:`Answer`).  A verb whose conditions all fail is forwarded.
+LOCAL_ANSWERS: dict[Verb, tuple[tuple[Condition, Reply | Answer], ...]] = {
+    # RFC 5321 2.2.1: an extension's verbs only once it was offered.
+    Verb.AUTH: (
+        (Condition.UNOFFERED, R.AUTH_NOT_ENABLED),
+        # RFC 4954 4, Postfix's smtpd_tls_auth_only.
+        (Condition.AUTH_NEEDS_TLS, R.AUTH_NEEDS_TLS),
+    ),
+    Verb.ETRN: ((Condition.UNOFFERED, R.NOT_IMPLEMENTED),),
+    # Chunking switched off, or not offered by the upstream.
+    Verb.BDAT: ((Condition.UNOFFERED, R.NOT_IMPLEMENTED),),
+    Verb.STARTTLS: (
+        (Condition.TLS_ACTIVE, R.TLS_ALREADY_ACTIVE),
+        (Condition.NO_CERTIFICATE, R.STARTTLS_UNAVAILABLE),
+        (Condition.ALWAYS, Answer.START_TLS),
+    ),
+    Verb.EHLO: ((Condition.REIDENTIFY, Answer.IDENTIFY),),
+    Verb.HELO: ((Condition.REIDENTIFY, Answer.IDENTIFY),),
+    Verb.HELP: ((Condition.HELP_LOCAL, Answer.HELP),),
+}
+
+#: Local answers whose 2xx moves the state as the upstream's would.
+APPLIED_LOCALLY: frozenset[Answer] = frozenset({Answer.START_TLS, Answer.IDENTIFY})
+
+#: Local answers that wait until no reply is in flight (they change the
+#: state the replies in flight would be applied to).
+WAIT_FOR_REPLIES: frozenset[Answer] = frozenset({Answer.START_TLS, Answer.IDENTIFY})
+
+_ANSWERS: dict[tuple[Verb, Facts], Reply | Answer | None] = {}
+
+
+def local_answer(verb: Verb, facts: Facts) -> Reply | Answer | None:
+    """How smtpguard answers ``verb`` itself given ``facts``; None: forward it."""
+    key = (verb, facts)
+    try:
+        return _ANSWERS[key]
+    except KeyError:
+        pass
+    result: Reply | Answer | None = None
+    for condition, answer in LOCAL_ANSWERS.get(verb, ()):
+        if getattr(facts, condition.value):
+            result = answer
+            break
+    _ANSWERS[key] = result  # bounded: verbs x 2**6 fact combinations
+    return result
+
+
+def must_end_transaction(possible: frozenset[State]) -> bool:
+    """A transaction failed on a reply of smtpguard's (a BDAT refused
+    locally, RFC 3030 2): True if the upstream may still have one open, so
+    that an RSET (whose reply is consumed) must end it too."""
+    return any(transition(s, Verb.RSET, 2) != s for s in possible)
 
 
 _PERMITTED_CACHE: dict[tuple[State, Verb], str | None] = {}
@@ -323,15 +471,8 @@ def transition(state: State, step: Verb, reply_class: int) -> State:
 
 
 def _transition(state: State, step: Verb, reply_class: int) -> State:
-    if step is Verb.RSET:
-        if reply_class == 2 and state.phase in RSET_ENDS:
-            return state._replace(phase=Phase.READY)
-        return state
-    target = TRANSITIONS.get(step)
-    if target is None:
-        return state
-    phase = target.get(reply_class)
-    if phase is None:
+    phase = TRANSITIONS.get(step, {}).get(reply_class)
+    if phase is None or state.phase not in ONLY_FROM.get(step, (state.phase,)):
         return state
     if reply_class == 2 and step in FLAG_EFFECTS:
         esmtp, authenticated, tls = FLAG_EFFECTS[step]
@@ -360,11 +501,22 @@ def outcomes(state: State, step: Verb) -> frozenset[State]:
 # from a small finite domain.  The caches are emptied if they ever grow past
 # _CACHE_LIMIT entries, so no client can make them grow without bound.
 
-#: A verdict that depends on a reply still in flight: hold the command.
-HOLD = "\0hold"
+
+class Hold(enum.Enum):
+    """The type of :data:`HOLD` (a sentinel, compared by identity)."""
+
+    #: The verdict depends on a reply still in flight: hold the command.
+    HOLD = "hold"
+
+
+HOLD: Final = Hold.HOLD
+
+#: What :func:`verdict` says: ``None`` (in sequence), what was expected
+#: instead (out of sequence), or :data:`HOLD`.
+Verdict = str | None | Hold
 
 _CACHE_LIMIT = 4096
-_VERDICTS: dict[tuple[frozenset[State], Verb], str | None] = {}
+_VERDICTS: dict[tuple[frozenset[State], Verb], Verdict] = {}
 _ADVANCE: dict[tuple[frozenset[State], Verb], frozenset[State]] = {}
 _FRAMINGS: dict[frozenset[State], Framing | None] = {}
 
@@ -382,7 +534,7 @@ def only(state: State) -> frozenset[State]:
         return result
 
 
-def verdict(possible: frozenset[State], verb: Verb) -> str | None:
+def verdict(possible: frozenset[State], verb: Verb) -> Verdict:
     """:func:`permitted` in every state of ``possible``: ``None`` if in sequence
     in all, the expectation text if out of sequence in all (the same text),
     :data:`HOLD` if that depends on which state the upstream's replies bring."""
@@ -392,7 +544,7 @@ def verdict(possible: frozenset[State], verb: Verb) -> str | None:
     except KeyError:
         pass
     verdicts = {permitted(s, verb) for s in possible}
-    result = verdicts.pop() if len(verdicts) == 1 else HOLD
+    result: Verdict = verdicts.pop() if len(verdicts) == 1 else HOLD
     if len(_VERDICTS) >= _CACHE_LIMIT:
         _VERDICTS.clear()
     _VERDICTS[key] = result

@@ -6,16 +6,24 @@ import itertools
 
 import pytest
 
+from smtpguard.protocol import replies as R
 from smtpguard.protocol.rules import (
+    BROKEN,
     CLIENT_VERBS,
+    GROUP_ENDERS,
     HOLD,
     LOCAL_ONLY,
     REPLY_CLASSES,
+    Answer,
+    Facts,
+    Hold,
     Phase,
     State,
     Verb,
     advance,
     framing_of,
+    local_answer,
+    must_end_transaction,
     outcomes,
     permitted,
     transition,
@@ -246,3 +254,146 @@ def test_memo_caches_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
             advance(possible, verb)
     for cache in (rules._VERDICTS, rules._ADVANCE, rules._FRAMINGS):
         assert 0 < len(cache) <= 50
+
+
+# ---------------------------------------------------------------------------
+# The full sweep: every state (every phase with every flag combination),
+# every verb, every step and every reply class, against an oracle written
+# here from the RFCs, independently of rules.py's tables.
+
+ALL_STATES = [
+    State(phase, esmtp, authenticated, tls)
+    for phase in Phase
+    for esmtp, authenticated, tls in itertools.product((False, True), repeat=3)
+]
+
+
+def _oracle_permitted(state: State, verb: Verb) -> bool:
+    """RFC 5321 4.1.4 (the matrix above), RFC 4954 4 (AUTH after EHLO, once),
+    RFC 3030 2 (BDAT only after EHLO: CHUNKING is an ESMTP extension)."""
+    if not ORACLE[state.phase, verb]:
+        return False
+    if verb is Verb.AUTH:
+        return state.esmtp and not state.authenticated
+    if verb is Verb.BDAT:
+        return state.esmtp
+    return True
+
+
+@pytest.mark.parametrize("state", ALL_STATES, ids=repr)
+def test_every_state_and_verb_against_the_oracle(state: State) -> None:
+    for verb in RULED_VERBS:
+        expected = permitted(state, verb)
+        assert (expected is None) == _oracle_permitted(state, verb), (state, verb)
+        if expected is not None:
+            assert expected.strip()
+        # One state, no reply in flight: the set decision is the same.
+        assert verdict(frozenset({state}), verb) == expected
+
+
+def _oracle_transition(state: State, step: Verb, cls: int) -> State:
+    """How the upstream's reply moves the session, read from the RFCs."""
+    p, esmtp, auth, tls = state
+    same = state
+    if step is Verb.GREETING:  # RFC 5321 3.1 / 4.3.2: 220, 421, 554
+        return {
+            2: State(Phase.CONNECTED, esmtp, auth, tls),
+            4: state._replace(phase=Phase.CLOSED),
+            5: state._replace(phase=Phase.REJECTED),
+        }.get(cls, same)
+    if step in (Verb.EHLO, Verb.HELO):  # RFC 5321 4.1.4: resets any transaction
+        return State(Phase.READY, step is Verb.EHLO, auth, tls) if cls == 2 else same
+    if step is Verb.MAIL:
+        return state._replace(phase=Phase.MAIL) if cls == 2 else same
+    if step is Verb.RCPT:
+        return state._replace(phase=Phase.RCPT) if cls == 2 else same
+    if step is Verb.DATA:  # 354 starts the body
+        return state._replace(phase=Phase.DATA) if cls == 3 else same
+    if step is Verb.DATA_END:  # the transaction is over whatever the reply
+        return state._replace(phase=Phase.READY)
+    if step is Verb.BDAT:  # RFC 3030 2: a refused chunk still leaves BDAT mode
+        return state._replace(phase=Phase.BDAT) if cls != 3 else same
+    if step is Verb.BDAT_LAST:
+        return state._replace(phase=Phase.READY) if cls != 3 else same
+    if step is Verb.AUTH:  # RFC 4954: 334 starts the exchange, 235 ends it
+        if cls == 2:
+            return State(Phase.READY, esmtp, True, tls)
+        return state._replace(phase=Phase.AUTH) if cls == 3 else same
+    if step is Verb.AUTH_RESPONSE:
+        if cls == 2:
+            return State(Phase.READY, esmtp, True, tls)
+        return state._replace(phase=Phase.AUTH if cls == 3 else Phase.READY)
+    if step is Verb.STARTTLS:  # RFC 3207 4.2: everything learnt is forgotten
+        return State(Phase.CONNECTED, False, False, True) if cls == 2 else same
+    if step is Verb.QUIT:
+        return state._replace(phase=Phase.CLOSED) if cls == 2 else same
+    if step is Verb.RSET:  # RFC 5321 4.1.1.5: ends a transaction, if any
+        if cls == 2 and p in (Phase.MAIL, Phase.RCPT, Phase.BDAT):
+            return state._replace(phase=Phase.READY)
+        return same
+    return same  # NOOP, HELP, VRFY, EXPN, ETRN ...: no change
+
+
+@pytest.mark.parametrize("state", ALL_STATES, ids=repr)
+def test_every_state_step_and_reply_class_against_the_oracle(state: State) -> None:
+    for step in Verb:
+        for cls in REPLY_CLASSES:
+            assert transition(state, step, cls) == _oracle_transition(state, step, cls), (
+                state,
+                step,
+                cls,
+            )
+        assert outcomes(state, step) == {_oracle_transition(state, step, c) for c in REPLY_CLASSES}
+
+
+def test_only_a_3xx_greeting_is_broken() -> None:
+    for step in Verb:
+        for cls in REPLY_CLASSES:
+            assert (cls in BROKEN.get(step, ())) == (step is Verb.GREETING and cls == 3)
+
+
+def test_group_enders_are_rfc2920s() -> None:
+    # RFC 2920 3.1 (TURN is not relayed), RFC 3207 4 (STARTTLS), RFC 4954 4
+    # (AUTH and each SASL response wait for their reply); HELO as EHLO.
+    want = "EHLO HELO DATA VRFY EXPN QUIT NOOP STARTTLS AUTH AUTH_RESPONSE".split()
+    assert {Verb(v) for v in want} == GROUP_ENDERS
+
+
+def _oracle_local(verb: Verb, f: Facts) -> R.Reply | Answer | None:
+    """What smtpguard answers itself for a command in sequence."""
+    if verb is Verb.AUTH:  # RFC 5321 2.2.1, RFC 4954 4 and Postfix's texts
+        if f.unoffered:
+            return R.AUTH_NOT_ENABLED
+        return R.AUTH_NEEDS_TLS if f.auth_needs_tls else None
+    if verb in (Verb.ETRN, Verb.BDAT):
+        return R.NOT_IMPLEMENTED if f.unoffered else None
+    if verb is Verb.STARTTLS:  # RFC 3207: smtpguard terminates TLS itself
+        if f.tls_active:
+            return R.TLS_ALREADY_ACTIVE
+        return R.STARTTLS_UNAVAILABLE if f.no_certificate else Answer.START_TLS
+    if verb in (Verb.EHLO, Verb.HELO):
+        return Answer.IDENTIFY if f.reidentify else None
+    if verb is Verb.HELP:
+        return Answer.HELP if f.help_local else None
+    return None
+
+
+def test_every_verb_and_condition_against_the_oracle() -> None:
+    names = [n for n in Facts._fields if n != "always"]
+    for values in itertools.product((False, True), repeat=len(names)):
+        facts = Facts(**dict(zip(names, values, strict=True)))
+        for verb in Verb:
+            assert local_answer(verb, facts) == _oracle_local(verb, facts), (verb, facts)
+
+
+def test_hold_is_a_sentinel() -> None:
+    assert isinstance(HOLD, Hold) and HOLD is Hold.HOLD
+    possible = frozenset({State(Phase.READY, True), State(Phase.MAIL, True)})
+    assert verdict(possible, Verb.RCPT) is HOLD
+
+
+@pytest.mark.parametrize("state", ALL_STATES, ids=repr)
+def test_an_rset_is_needed_only_where_a_transaction_may_be_open(state: State) -> None:
+    assert must_end_transaction(frozenset({state})) == (
+        state.phase in (Phase.MAIL, Phase.RCPT, Phase.BDAT)
+    )
