@@ -221,6 +221,8 @@ _TOP_KEYS = {
     "rates",
     "penalty_box",
     "store",
+    "commands",
+    "body",
 }
 
 
@@ -508,6 +510,37 @@ def server_context(settings: TLSSettings) -> ssl.SSLContext:
     )
 
 
+#: Verbs ``commands.refuse`` may not name: the session cannot go without them.
+ESSENTIAL_VERBS = frozenset(
+    {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "QUIT", "STARTTLS", "AUTH"}
+)
+
+
+def _refused_commands(raw: Mapping[str, Any]) -> frozenset[bytes]:
+    """``commands.refuse``: verbs answered 502 5.5.1 locally (VRFY, EXPN, debug verbs)."""
+    section = _section(raw, "commands", {"refuse"})
+    listed = section.get("refuse", [])
+    if not isinstance(listed, list):
+        raise ConfigError("commands.refuse", f"must be a list of verbs, got {listed!r}")
+    verbs = set()
+    for i, verb in enumerate(listed):
+        key = f"commands.refuse[{i}]"
+        if not isinstance(verb, str) or not verb.isascii() or not verb.isalnum():
+            raise ConfigError(key, f"must be a command verb (letters and digits), got {verb!r}")
+        if verb.upper() in ESSENTIAL_VERBS:
+            raise ConfigError(key, f"{verb.upper()} cannot be refused: SMTP needs it")
+        verbs.add(verb.upper().encode("ascii"))
+    return frozenset(verbs)
+
+
+def _eight_bit(raw: Mapping[str, Any]) -> str:
+    """``body.eight_bit``: pass (default) or reject, for an upstream without 8BITMIME."""
+    value = _section(raw, "body", {"eight_bit"}).get("eight_bit", "pass")
+    if value not in ("pass", "reject"):
+        raise ConfigError("body.eight_bit", f"must be 'pass' or 'reject', got {value!r}")
+    return str(value)
+
+
 def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, float]:
     """``policy:`` and the limits it enforces; ``mode: observe`` turns every action to observe."""
     section = _section(raw, "policy", {"mode", "greet_wait_seconds", *(d.value for d in ALLOWED)})
@@ -516,7 +549,7 @@ def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, 
         raise ConfigError("policy.mode", f"must be 'observe' or 'enforce', got {mode!r}")
     observe = PolicyMode(mode) is PolicyMode.OBSERVE
     defaults = Policy()
-    actions: dict[str, Action] = {}
+    actions: dict[str, Any] = {}
     for defence, allowed in ALLOWED.items():
         key = defence.value
         action = section.get(key, getattr(defaults, key))
@@ -537,6 +570,8 @@ def _policy(raw: Mapping[str, Any], limits: Mapping[str, Any]) -> tuple[Policy, 
         max_unknown_commands=limit("max_unknown_commands", defaults.max_unknown_commands),
         hard_error_limit=limit("hard_error_limit", defaults.hard_error_limit),
         observe_limits=observe,
+        refused_commands=_refused_commands(raw),
+        reject_eight_bit=_eight_bit(raw) == "reject" and not observe,
         **actions,
     )
     return policy, float(greet_wait)
@@ -734,7 +769,9 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         offer_pipelining=_bool("pipelining.offer", pipelining.get("offer", True)),
         upstream_pipelining=upstream_mode == "auto",
         chunking=_bool("ehlo.chunking", ehlo.get("chunking", True)),
-        discard_keywords=frozenset(k.upper() for k in discard),
+        # A refused verb's EHLO keyword goes too (VRFY, EXPN, HELP, ETRN).
+        discard_keywords=frozenset(k.upper() for k in discard)
+        | {v.decode() for v in policy.refused_commands},
         max_line_bytes=int(
             _number("limits.max_line_bytes", limits.get("max_line_bytes", 512), 64, True)
         ),

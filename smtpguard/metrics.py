@@ -32,12 +32,15 @@ from .protocol.events import (
     LocalReply,
     MessageDone,
     MessageOutcome,
+    Normalized,
     PolicyAction,
+    SyntaxFinding,
     UpstreamReplied,
     Violation,
 )
 from .protocol.policy import ALLOWED, LIMIT_ACTIONS, Defence
 from .protocol.rules import CLIENT_VERBS, Phase, Verb
+from .protocol.syntax import SHAPE_OF, Reason
 
 #: The shared store's calls (store.Op; not imported: the store needs coredis).
 STORE_OPS = ("connect", "upstream_slot", "sync", "violations", "ping")
@@ -202,6 +205,24 @@ FAMILIES = (
         ("op",),
         series=_each(STORE_OPS),
         buckets=(0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    ),
+    # The syntax guard (protocol/syntax.py, policy.syntax).
+    Family(
+        "syntax_violations",
+        Counter,
+        "smtpguard_syntax_violations",
+        "Command arguments outside the RFC 5321 grammar, by verb and reason "
+        "(refused, or forwarded in observe/normalize mode)",
+        ("command", "reason"),
+        series=tuple((verb.value, reason.value) for verb in SHAPE_OF for reason in Reason),
+    ),
+    Family(
+        "commands_normalized",
+        Counter,
+        "smtpguard_commands_normalized",
+        "Commands forwarded in their canonical form instead of as the client sent them",
+        ("command",),
+        series=_each(verb.value for verb in SHAPE_OF),
     ),
     Family(
         "rate_refusals",
@@ -395,6 +416,8 @@ class Metrics:
     upstream_session_cap: Gauge
     upstream_queue_depth: Gauge
     upstream_queue_wait: Histogram
+    syntax_violations: Counter
+    commands_normalized: Counter
     store_up: Gauge
     store_errors: Counter
     store_seconds: Histogram
@@ -555,6 +578,10 @@ class Metrics:
                 self.message_size.observe(event.size_bytes)
             elif type(event) is PolicyAction:
                 self.policy_actions.labels(event.defence.value, event.action).inc()
+            elif type(event) is SyntaxFinding:
+                self.syntax_violations.labels(event.verb.value, event.reason).inc()
+            elif type(event) is Normalized:
+                self.commands_normalized.labels(event.verb.value).inc()
 
     def exposition(self) -> builtins.bytes:  # ``bytes`` is a family here
         return builtins.bytes(generate_latest(self.registry))

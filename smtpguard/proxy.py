@@ -55,6 +55,7 @@ from .protocol.session import (
     Forwarded,
     PolicyAction,
     Session,
+    SyntaxFinding,
     UpstreamReplied,
     Violation,
 )
@@ -495,6 +496,21 @@ class Connection:
                         command=event.verb.value,
                         expected=event.expected,
                         action=event.action,
+                    ),
+                )
+            elif type(event) is SyntaxFinding:
+                # The reason, the length and the octet class: never the argument
+                # (addresses are personal data).
+                log.info(
+                    "syntax",
+                    extra=fields(
+                        conn=self.conn_id,
+                        client=self.peer,
+                        command=event.verb.value,
+                        reason=event.reason,
+                        action="refused" if event.refused else "forwarded",
+                        argument_bytes=event.argument_bytes,
+                        octet=event.octet or "-",
                     ),
                 )
             elif type(event) is PolicyAction and event.defence is not Defence.SEQUENCE:

@@ -32,6 +32,8 @@ from monitoring import (
 from prometheus_client import CollectorRegistry
 
 REQUIRED_PANELS = (
+    "Syntax violations by reason",
+    "Commands normalized by verb",
     "Violation rate by command",
     "Violation rate by state",
     "Local replies by code",

@@ -88,7 +88,33 @@ class PolicyAction(NamedTuple):
     detail: str  #: for the log line (never client data)
 
 
-Event = Violation | LocalReply | Forwarded | UpstreamReplied | MessageDone | PolicyAction
+class SyntaxFinding(NamedTuple):
+    """A command argument outside the grammar (protocol/syntax.py).  The log
+    line gets its reason, length and octet class: never the argument."""
+
+    verb: Verb
+    reason: str  #: a ``syntax.Reason`` value
+    refused: bool  #: answered locally (else forwarded: observed or normalized)
+    argument_bytes: int
+    octet: str  #: the class of the offending octet ("" if none)
+
+
+class Normalized(NamedTuple):
+    """A command forwarded in its canonical form, not as the client sent it."""
+
+    verb: Verb
+
+
+Event = (
+    Violation
+    | LocalReply
+    | Forwarded
+    | UpstreamReplied
+    | MessageDone
+    | PolicyAction
+    | SyntaxFinding
+    | Normalized
+)
 
 #: One shared event per step (no allocation per command).
 FORWARDED: dict[Verb, Forwarded] = {verb: Forwarded(verb) for verb in Verb}

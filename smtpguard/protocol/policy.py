@@ -12,10 +12,10 @@ another (see :mod:`.body`).  Defaults follow Postfix 3.9.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .replies import Reply
-from .rules import FastEnum
+from .rules import FastEnum, Verb
 
 
 class Defence(FastEnum):
@@ -48,6 +48,12 @@ class Defence(FastEnum):
     #: A listener that requires a PROXY header got none, a bad one, or one
     #: from an untrusted address.
     PROXY_PROTOCOL = "proxy_protocol"
+    #: A command argument outside the RFC 5321 grammar (protocol/syntax.py).
+    SYNTAX = "syntax"
+    #: A verb the configuration refuses (``commands.refuse``).
+    REFUSED_COMMAND = "refused_command"
+    #: An 8-bit message body for an upstream without 8BITMIME (``body.eight_bit``).
+    EIGHT_BIT = "eight_bit"
 
 
 class Action(enum.StrEnum):
@@ -62,8 +68,10 @@ class Action(enum.StrEnum):
     REJECT = "reject"
     #: Answer locally, then close the session.
     DISCONNECT = "disconnect"
-    #: Rewrite to one unambiguous message (smuggling only).
+    #: Rewrite to one unambiguous form (smuggling, syntax).
     NORMALIZE = "normalize"
+    #: As normalize, and refuse what is outside the RFC grammar and limits (syntax).
+    STRICT = "strict"
 
 
 class PolicyMode(enum.StrEnum):
@@ -75,11 +83,12 @@ class PolicyMode(enum.StrEnum):
     OBSERVE = "observe"
 
 
-_OBSERVE, _REJECT, _DISCONNECT, _NORMALIZE = (
+_OBSERVE, _REJECT, _DISCONNECT, _NORMALIZE, _STRICT = (
     Action.OBSERVE,
     Action.REJECT,
     Action.DISCONNECT,
     Action.NORMALIZE,
+    Action.STRICT,
 )
 
 #: Which actions each defence can take (the config layer validates against
@@ -90,6 +99,7 @@ ALLOWED: dict[Defence, tuple[Action, ...]] = {
     Defence.PIPELINING: (_OBSERVE, _REJECT, _DISCONNECT),
     Defence.EARLY_TALK: (_OBSERVE, _REJECT, _DISCONNECT),
     Defence.NON_SMTP: (_OBSERVE, _DISCONNECT),
+    Defence.SYNTAX: (_OBSERVE, _NORMALIZE, _STRICT),
 }
 #: The actions of a defence not in ``ALLOWED``: limits only count or refuse.
 LIMIT_ACTIONS: tuple[Action, ...] = (_OBSERVE, _REJECT)
@@ -113,6 +123,14 @@ class Policy:
     early_talk: Action = _OBSERVE
     #: postscreen_non_smtp_command_action = drop.
     non_smtp: Action = _DISCONNECT
+    #: Canonical commands to the upstream, refusing only the unparseable
+    #: (never what Postfix accepts with its defaults).
+    syntax: Action = _NORMALIZE
+    #: Verbs (upper case) answered ``502 5.5.1`` locally (``commands.refuse``).
+    refused_commands: frozenset[bytes] = frozenset()
+    #: An 8-bit body for an upstream without 8BITMIME gets 554 5.6.1
+    #: (``body.eight_bit: reject``); False passes it.
+    reject_eight_bit: bool = False
     #: 0 = no limit of our own (the upstream's SIZE still applies upstream).
     max_message_bytes: int = 0
     #: Longest text line in a DATA body, CRLF included (RFC 5321 4.5.3.1.6:
@@ -126,12 +144,16 @@ class Policy:
     hard_error_limit: int = 20
     #: Every limit above only counts (``mode: observe``).
     observe_limits: bool = False
+    #: The known verbs among ``refused_commands`` (the fast path skips them).
+    refused_verbs: frozenset[Verb] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         for f in fields(self):
             if f.type == "Action":
                 # Identity comparisons in the core: always the enum member.
                 object.__setattr__(self, f.name, Action(getattr(self, f.name)))
+        refused = frozenset(v for v in Verb if v.value.encode() in self.refused_commands)
+        object.__setattr__(self, "refused_verbs", refused)
 
     @property
     def limit_action(self) -> Action:
@@ -156,6 +178,11 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} Error: too many errors")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "{hostname} Error: too many connections")
+#: ``commands.refuse`` (Postfix's disable_vrfy_command text, for any verb).
+COMMAND_DISABLED = Reply(502, "5.5.1", "{verb} command is disabled")
+#: ``body.eight_bit: reject``: 8-bit content for an upstream without 8BITMIME
+#: (RFC 6152 3; RFC 3463 5.6.1 "media not supported").
+EIGHT_BIT_REFUSED = Reply(554, "5.6.1", "Error: 8-bit content is not accepted here")
 #: Over rates.connections_per_minute (Postfix's anvil says the same).
 CONNECTION_RATE = Reply(421, "4.7.0", "{hostname} Error: too many connections from you")
 #: Over rates.messages_per_minute / recipients_per_minute (Postfix's texts).

@@ -42,6 +42,7 @@ from . import bdat, ehlo, greeting
 from . import policy as P
 from . import replies as R
 from .annotate import header
+from .arguments import ArgumentGuard
 from .body import DataReader
 from .defences import Defences
 from .events import (
@@ -52,7 +53,9 @@ from .events import (
     LocalReply,
     MessageDone,
     MessageOutcome,
+    Normalized,
     PolicyAction,
+    SyntaxFinding,
     UpstreamReplied,
     Violation,
     replied,
@@ -84,6 +87,7 @@ from .rules import (
     transition,
     verdict,
 )
+from .syntax import SHAPE_OF
 from .transaction import Transaction
 
 __all__ = [
@@ -92,7 +96,9 @@ __all__ = [
     "Forwarded",
     "LocalReply",
     "MessageDone",
+    "Normalized",
     "PolicyAction",
+    "SyntaxFinding",
     "Render",
     "Session",
     "SessionOptions",
@@ -146,6 +152,7 @@ class Session:
         "_to_client",
         "_to_upstream",
         "_txn",
+        "_syntax",
         "_upstream_ehlo",
         "_upstream_replies",
         "close_reason",
@@ -182,6 +189,7 @@ class Session:
         self._txn = Transaction()
         self._upstream_replies = 0
         self._defences = Defences(opts.policy, self._events)
+        self._syntax = ArgumentGuard(opts.policy.syntax, self._events)
         self._client_done = False
         #: Set when a policy ends the session: the reply to send once every
         #: owed reply is out (None: none), and the close reason.
@@ -560,7 +568,7 @@ class Session:
             return self._learn_capabilities(reply.lines)
         if reply.code // 100 == 2 and step is Verb.HELO:
             self._upstream_ehlo = None  # no ESMTP after HELO
-            self._caps = ehlo.NO_EXTENSIONS
+            self._use(ehlo.NO_EXTENSIONS)
         elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
             outcome = MessageOutcome.ACCEPTED if reply.code < 300 else MessageOutcome.REJECTED
             size, txn = slot.size, self._txn
@@ -571,8 +579,14 @@ class Session:
 
     def _learn_capabilities(self, lines: Sequence[bytes]) -> bytes:
         """The client's EHLO reply, from the upstream's (see :mod:`.ehlo`)."""
-        data, self._caps = ehlo.rewrite(lines, self.options, self.state.tls)
+        data, caps = ehlo.rewrite(lines, self.options, self.state.tls)
+        self._use(caps)
         return data
+
+    def _use(self, caps: ehlo.Capabilities) -> None:
+        """What the client was shown (and may use) from now on."""
+        self._caps = caps
+        self._syntax.capabilities(caps)
 
     # --------------------------------------------------- client framing
 
@@ -698,17 +712,24 @@ class Session:
         state = self.state
         if FRAMING[state.phase] is not Framing.COMMAND or permitted(state, verb) is not None:
             return False
+        if verb in self.options.policy.refused_verbs:
+            return False
+        if verb is Verb.RCPT and self._txn.rcpts >= self.options.policy.max_recipients:
+            return False
+        if verb is Verb.MAIL and self.options.policy.max_message_bytes:
+            return False
+        judged = self._syntax_checked(verb, line)
+        if judged is None:
+            return True  # refused: answered
         if verb is Verb.MAIL:
-            if self.options.policy.max_message_bytes or not self._admitted(verb):
-                return self.options.policy.max_message_bytes == 0  # refused: answered
-            self._new_transaction()
+            if not self._admitted(verb):
+                return True  # refused: answered
+            self._new_transaction(judged)
         elif verb is Verb.RCPT:
-            if self._txn.rcpts >= self.options.policy.max_recipients:
-                return False
             if not self._admitted(verb):
                 return True
             self._txn.rcpts += 1
-        self._forward(verb, verb, line)
+        self._forward(verb, verb, self._syntax.outgoing(verb, line, judged))
         return True
 
     # --------------------------------------------------------- commands
@@ -725,6 +746,9 @@ class Session:
         if b"\0" in line:
             self._local(verb, R.BAD_SYNTAX)
             return
+        if word in self.options.policy.refused_commands:
+            self._refused_command(verb, word)
+            return
         if verb is Verb.UNKNOWN:
             if (word in P.NON_SMTP_WORDS or word.endswith(b":")) and self._non_smtp(
                 "HTTP request or header line as a command"
@@ -735,6 +759,11 @@ class Session:
             self._queue.held = (verb, line)
         if verb is Verb.UNKNOWN and self._defences.too_many_unknown():
             self._end_after_replies(P.TOO_MANY_ERRORS)
+
+    def _refused_command(self, verb: Verb, word: bytes) -> None:
+        """``commands.refuse``: answered 502 5.5.1 locally, in any state."""
+        self._events.append(PolicyAction(Defence.REFUSED_COMMAND, Action.REJECT, "refused verb"))
+        self._local(verb, P.COMMAND_DISABLED, verb=word.decode("ascii", "replace"))
 
     def _decide(self, verb: Verb, line: bytes) -> bool:
         """Answer, forward or reject ``line``; False means hold it for a reply."""
@@ -762,6 +791,12 @@ class Session:
             return self._answer(verb, line, answer)
         if self._queue.inflight and not self._caps.upstream_pipelining:
             return False  # the upstream takes one command at a time (decided, and reported, later)
+        sent = line
+        if verb in SHAPE_OF:
+            judged = self._syntax_checked(verb, line)
+            if judged is None:
+                return True  # refused
+            line = judged
         if expected is not None:
             self._violation(verb, expected, _OBSERVE, local=False)
         elif not self._within_limits(verb, line):
@@ -769,11 +804,22 @@ class Session:
         if (verb is Verb.MAIL or verb is Verb.RCPT) and not self._admitted(verb):
             return True
         if verb is Verb.MAIL:
-            self._new_transaction()
+            self._new_transaction(line)
         elif verb is Verb.RCPT:
             self._txn.rcpts += 1
-        self._forward(verb, verb, line)
+        self._forward(verb, verb, self._syntax.outgoing(verb, sent, line))
         return True
+
+    def _syntax_checked(self, verb: Verb, line: bytes) -> bytes | None:
+        """The line to forward for ``line`` after the syntax guard (None: it
+        was refused locally)."""
+        guard = self._syntax
+        verdict = guard.judge(verb, line, self._txn.smtputf8)
+        if verdict.forward is None:
+            assert verdict.reply is not None
+            self._local(verb, verdict.reply, **dict(verdict.reply_fields))
+            return None
+        return verdict.forward
 
     def _facts(self, in_sequence: bool, verb: Verb = Verb.UNKNOWN) -> Facts:
         """The conditions of :data:`.rules.LOCAL_ANSWERS` that hold now."""
@@ -833,12 +879,13 @@ class Session:
         self._local(verb, P.TOO_MUCH_MAIL if verb is Verb.MAIL else P.RCPT_RATE)
         return False
 
-    def _new_transaction(self) -> None:
+    def _new_transaction(self, mail: bytes) -> None:
         """MAIL is going out: a new transaction replaces the last one."""
         if self._txn.content_bytes:
             # BDAT content of an abandoned transaction (RSET/EHLO ended it).
             self._events.append(MessageDone(_ABORTED, self._txn.content_bytes))
         self._txn = Transaction()
+        self._txn.smtputf8 = b"SMTPUTF8" in mail.upper()
 
     def _apply_locally(self, verb: Verb) -> None:
         """A local 2xx that moves the state as the upstream's would."""
@@ -856,7 +903,7 @@ class Session:
         # The upstream's own session is untouched (it never sees STARTTLS).
         self._reidentify = self._upstream_ehlo is not None
         self._apply_locally(Verb.STARTTLS)
-        self._caps = ehlo.after_starttls(self._caps)
+        self._use(ehlo.after_starttls(self._caps))
         self._tls_pending = True
 
     def _identify(self, verb: Verb) -> None:
@@ -866,7 +913,7 @@ class Session:
         if verb is Verb.EHLO:
             data = self._learn_capabilities(self._upstream_ehlo)
         else:
-            self._caps = ehlo.NO_EXTENSIONS
+            self._use(ehlo.NO_EXTENSIONS)
             data = ehlo.helo_reply(self._upstream_ehlo, self.options.hostname)
         self._apply_locally(verb)
         self._events.append(LocalReply(verb, 250))
@@ -1086,7 +1133,7 @@ class Session:
 
     # ---------------------------------------------------------- output
 
-    def _local(self, verb: Verb, reply: R.Reply, **fields: str) -> None:
+    def _local(self, verb: Verb, reply: R.Reply, /, **fields: str) -> None:
         self._events.append(LocalReply(verb, reply.code))
         self._push(Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
         if reply.code >= 400 and reply.code != 421:

@@ -18,6 +18,7 @@ class Transaction:
         "bdat_tail",
         "bdat_bare",
         "last_chunk",
+        "smtputf8",
     )
 
     def __init__(self) -> None:
@@ -36,3 +37,5 @@ class Transaction:
         self.bdat_bare = False
         #: The ``BDAT n LAST`` slot while its chunk is still being relayed.
         self.last_chunk: Slot | None = None
+        #: The MAIL carried SMTPUTF8 (RFC 6531): 8-bit addresses may follow.
+        self.smtputf8 = False

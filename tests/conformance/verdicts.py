@@ -60,6 +60,13 @@ BY_DESIGN: dict[str, str] = {
         "'503 All RCPT commands were rejected' (and then delivers the next message under "
         "that old sender although the client's new MAIL got 503)"
     ),
+    "a refused EHLO/HELO changes nothing": (
+        "RFC 5321 4.1.4: after refusing an EHLO or HELO the server MUST stay in the state "
+        "it was in; smtpguard refuses a malformed one (policy.syntax) and the upstream "
+        "never sees it, so its session keeps the last EHLO's extensions.  Exim and the "
+        "strict upstream drop back to a non-ESMTP session after a refused HELO, so they "
+        "refuse the extension parameters that follow"
+    ),
     "unknown command answered locally": (
         "RFC 5321 4.2.4: a verb smtpguard does not know gets 500 5.5.2 from smtpguard; "
         "the upstream's reply would be a 500 as well, possibly with a hang-up (OpenSMTPD "
@@ -78,9 +85,16 @@ def _key(replies: Iterable[Reply]) -> list[tuple[int, str]]:
     return [(r.code, r.enhanced) for r in replies]
 
 
-def classify(step: Step, direct: StepResult, guard: StepResult, bdat_refused: bool = False) -> str:
+def classify(
+    step: Step,
+    direct: StepResult,
+    guard: StepResult,
+    bdat_refused: bool = False,
+    hello_refused: bool = False,
+) -> str:
     """The class of the difference between the two runs of one step;
-    ``bdat_refused``: smtpguard refused a BDAT earlier in the session."""
+    ``bdat_refused``: smtpguard refused a BDAT earlier in the session;
+    ``hello_refused``: both runs refused an EHLO/HELO earlier in it."""
     if _key(direct.replies) == _key(guard.replies):
         return "same"
     if [r.code for r in direct.replies] == [r.code for r in guard.replies]:
@@ -103,6 +117,8 @@ def classify(step: Step, direct: StepResult, guard: StepResult, bdat_refused: bo
     is_mail = kind == "MAIL" or (kind == "RAW" and str(step[1]).upper().startswith("MAIL "))
     if is_mail and bdat_refused and g_ok and d.code == 503:
         return "by design: a refused BDAT ends the transaction"
+    if hello_refused and g_ok and not d_ok and (is_mail or kind in ("RCPT", "DATA", "BDAT")):
+        return "by design: a refused EHLO/HELO changes nothing"
     if not d_ok and not g_ok:
         return "both refused"
     if d_ok and g_ok:
@@ -110,6 +126,11 @@ def classify(step: Step, direct: StepResult, guard: StepResult, bdat_refused: bo
     if d_ok:
         return "FALSE POSITIVE"
     return "accepted only through smtpguard"
+
+
+def _is_hello(step: Step) -> bool:
+    word = str(step[1]).split(" ", 1)[0] if step[0] == "RAW" else str(step[0])
+    return word.upper() in ("EHLO", "HELO")
 
 
 FAILING = ("FALSE POSITIVE", "accepted only through smtpguard")
@@ -121,6 +142,7 @@ DIVERGING = (
     "by design: unknown command answered locally",
     "by design: transaction before EHLO/HELO",
     "by design: a refused BDAT ends the transaction",
+    "by design: a refused EHLO/HELO changes nothing",
 )
 
 
@@ -228,7 +250,7 @@ def compare(
                 f"s{number:04d}: greetings {greetings} ({d.greeting}, {g.greeting})"
             )
             continue
-        diverged = bdat_refused = False
+        diverged = bdat_refused = hello_refused = False
         for step, rd, rg in zip(steps, d.steps, g.steps, strict=True):
             if step[0] == "GROUP":
                 continue
@@ -238,9 +260,10 @@ def compare(
             if rd.skipped or rg.skipped:
                 report.classes["not played in one run (STARTTLS not offered, or closed)"] += 1
                 continue
-            verdict = classify(step, rd, rg, bdat_refused)
+            verdict = classify(step, rd, rg, bdat_refused, hello_refused)
             report.classes[verdict] += 1
             bdat_refused |= step[0] == "BDAT" and not final(rg).ok
+            hello_refused |= _is_hello(step) and not final(rd).ok and not final(rg).ok
             diverged = verdict in DIVERGING
             if verdict in FAILING:
                 report.failures.append(
