@@ -31,8 +31,7 @@ _NOTHING = Offered()
 #: HELO); strict mode refuses them (RFC 5321 4.1.1.11 and 2.2.1: extensions
 #: only after EHLO).
 _AFTER_HELO = Offered(
-    frozenset(p.extension for p in PARAMETERS.values())
-    | frozenset(VALUE_EXTENSION.values())
+    frozenset(p.extension for p in PARAMETERS.values()) | frozenset(VALUE_EXTENSION.values())
 )
 _SIZE_PARAMETER = re.compile(rb" SIZE=[^ ]*", re.IGNORECASE)
 
