@@ -121,8 +121,10 @@ class Defences:
     def declared_size_refused(self, line: bytes) -> bool:
         """MAIL ... SIZE=n above our limit (RFC 1870); True: answer 552."""
         limit = self.policy.max_message_bytes
+        if not limit:
+            return False
         upper = line.upper()
-        if not limit or b"SIZE=" not in upper:
+        if b"SIZE=" not in upper:
             return False
         for param in upper.split()[2:]:
             if param.startswith(b"SIZE=") and param[5:].isdigit() and int(param[5:]) > limit:

@@ -700,37 +700,31 @@ class Session:
         )
 
     def _fast_command(self, data: bytes | bytearray) -> bool:
+        """A whole command line alone in ``data``, in sequence: passed on
+        without the line buffer and the rule look-ups (False: take the full path)."""
+        found = self._fast_line(data)
+        if found is None:
+            return False
+        verb, line = found
+        return self._pass_on(verb, line, None)
+
+    def _fast_line(self, data: bytes | bytearray) -> tuple[Verb, bytes] | None:
+        """``data``'s command if the fast path may take it."""
         end = len(data) - 2
         if end < 4 or end + 2 > self.options.max_line_bytes or data[end:] != b"\r\n":
-            return False
+            return None
         line = bytes(data[:end])
         if b"\r" in line or b"\n" in line or b"\0" in line:
-            return False
+            return None
         verb = VERB_BY_NAME.get(line.split(b" ", 1)[0].upper())
         if verb is None or verb not in _FAST_VERBS or (verb in LOCAL_ANSWERS and self._reidentify):
-            return False
+            return None
         state = self.state
         if FRAMING[state.phase] is not Framing.COMMAND or permitted(state, verb) is not None:
-            return False
+            return None
         if verb in self.options.policy.refused_verbs:
-            return False
-        if verb is Verb.RCPT and self._txn.rcpts >= self.options.policy.max_recipients:
-            return False
-        if verb is Verb.MAIL and self.options.policy.max_message_bytes:
-            return False
-        judged = self._syntax_checked(verb, line)
-        if judged is None:
-            return True  # refused: answered
-        if verb is Verb.MAIL:
-            if not self._admitted(verb):
-                return True  # refused: answered
-            self._new_transaction(judged)
-        elif verb is Verb.RCPT:
-            if not self._admitted(verb):
-                return True
-            self._txn.rcpts += 1
-        self._forward(verb, verb, self._syntax.outgoing(verb, line, judged))
-        return True
+            return None
+        return verb, line
 
     # --------------------------------------------------------- commands
 
@@ -791,23 +785,25 @@ class Session:
             return self._answer(verb, line, answer)
         if self._queue.inflight and not self._caps.upstream_pipelining:
             return False  # the upstream takes one command at a time (decided, and reported, later)
-        sent = line
-        if verb in SHAPE_OF:
-            judged = self._syntax_checked(verb, line)
-            if judged is None:
-                return True  # refused
-            line = judged
-        if expected is not None:
-            self._violation(verb, expected, _OBSERVE, local=False)
-        elif not self._within_limits(verb, line):
+        return self._pass_on(verb, line, expected)
+
+    def _pass_on(self, verb: Verb, line: bytes, observed: str | None) -> bool:
+        """Judge ``line``'s argument, apply the limits and rates, and forward
+        it (``observed``: it is out of sequence and the policy only observes)."""
+        judged = self._syntax_checked(verb, line) if verb in SHAPE_OF else line
+        if judged is None:
+            return True  # refused
+        if observed is not None:
+            self._violation(verb, observed, _OBSERVE, local=False)
+        elif not self._within_limits(verb, judged):
             return True
         if (verb is Verb.MAIL or verb is Verb.RCPT) and not self._admitted(verb):
             return True
         if verb is Verb.MAIL:
-            self._new_transaction(line)
+            self._new_transaction(judged)
         elif verb is Verb.RCPT:
             self._txn.rcpts += 1
-        self._forward(verb, verb, self._syntax.outgoing(verb, sent, line))
+        self._forward(verb, verb, self._syntax.outgoing(verb, line, judged))
         return True
 
     def _syntax_checked(self, verb: Verb, line: bytes) -> bytes | None:
@@ -863,6 +859,10 @@ class Session:
 
     def _within_limits(self, verb: Verb, line: bytes) -> bool:
         defences = self._defences
+        if verb is Verb.MAIL and self._declares_eight_bit(line):
+            self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "BODY=8BITMIME"))
+            self._local(verb, P.EIGHT_BIT_REFUSED)
+            return False
         if verb is Verb.MAIL and defences.declared_size_refused(line):
             self._local(verb, P.MESSAGE_TOO_BIG)
             return False
@@ -870,6 +870,15 @@ class Session:
             self._local(verb, P.TOO_MANY_RECIPIENTS)
             return False
         return True
+
+    def _declares_eight_bit(self, mail: bytes) -> bool:
+        """MAIL ... BODY=8BITMIME for an upstream without 8BITMIME, under
+        ``body.eight_bit: reject``."""
+        return (
+            self.options.policy.reject_eight_bit
+            and b"8BITMIME" not in self._caps.upstream
+            and b" BODY=8BITMIME" in mail.upper()
+        )
 
     def _admitted(self, verb: Verb) -> bool:
         """Per-client rates (injected: the core has no clock)."""
@@ -993,6 +1002,8 @@ class Session:
                 if self._defences.smuggling(new):
                     self._fail(P.BARE_NEWLINE, _C.POLICY)
                     return
+            if self.options.policy.reject_eight_bit and self._eight_bit_refused(piece):
+                return
             self._to_upstream += piece
             txn.content_bytes += n
             if not self._size_ok():
@@ -1020,6 +1031,8 @@ class Session:
             return False
         if self.options.policy.max_text_line_bytes and not self._lines_ok(reader, out):
             return False
+        if self.options.policy.reject_eight_bit and self._eight_bit_refused(out):
+            return False
         self._to_upstream += out
         txn.content_bytes += used
         del buf[:used]
@@ -1045,6 +1058,16 @@ class Session:
         if self._defences.text_line_too_long():
             self._fail(P.TEXT_LINE_TOO_LONG, _C.POLICY)
             return False
+        return True
+
+    def _eight_bit_refused(self, content: bytes | bytearray) -> bool:
+        """``body.eight_bit: reject``: 8-bit content for an upstream that did
+        not advertise 8BITMIME ends the session with 554 5.6.1 before the
+        end of the message reaches it (nothing is delivered)."""
+        if content.isascii() or b"8BITMIME" in self._caps.upstream:
+            return False
+        self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "8-bit content"))
+        self._fail(P.EIGHT_BIT_REFUSED, _C.POLICY)
         return True
 
     def _size_ok(self) -> bool:
