@@ -844,67 +844,80 @@ def _parameters(
     findings: list[_Finding] = []
     seen: set[bytes] = set()
     for word, _complete in found:
-        keyword, eq, value = word.partition(b"=")
-        if _KEYWORD.match(keyword) is None:
-            findings.append(
-                _Finding(
-                    Reason.UNKNOWN_PARAMETER,
-                    _Level.ALWAYS,
-                    R.UNSUPPORTED_PARAMETER,
-                    (("option", "(malformed)"),),
-                    _first_outside(keyword, _KEYWORD_OCTET),
-                )
-            )
-            out.append(word)
-            continue
-        name = keyword.upper()
-        rule = PARAMETERS.get(name)
-        if rule is None or rule.verb is not verb:
-            findings.append(
-                _Finding(
-                    Reason.UNKNOWN_PARAMETER,
-                    _Level.ALWAYS,
-                    R.UNSUPPORTED_PARAMETER,
-                    (("option", name.decode("ascii")),),
-                )
-            )
-            out.append(name + eq + value)
-            continue
-        shown = value.upper() if rule.upper else value
-        canonical = name + eq + shown
-        bad_value = R.BAD_PARAMETER, (("keyword", name.decode("ascii")),)
-        finding: _Finding | None = None
-        needs = VALUE_EXTENSION.get((name, shown), rule.extension)
-        policy = None
-        if needs not in offered:
-            policy = rule.unadvertised if needs == rule.extension else Unadvertised.REFUSE
-            option = name.decode("ascii") + (
-                "=" + shown.decode() if needs != rule.extension else ""
-            )
-            level = _Level.ALWAYS if policy is Unadvertised.REFUSE else _Level.STRICT
-            finding = _Finding(
-                Reason.UNKNOWN_PARAMETER, level, R.UNSUPPORTED_PARAMETER, (("option", option),)
-            )
-            if policy is Unadvertised.DROP:
-                canonical = b""  # never forwarded: its value does not matter
-        if policy is None or policy is Unadvertised.PASS:
-            if bool(eq) != rule.has_value or (rule.has_value and not rule.lenient(value)):
-                finding = _Finding(Reason.BAD_PARAMETER_VALUE, _Level.ALWAYS, *bad_value)
-            elif name in seen:
-                level = _Level.ALWAYS if rule.once else _Level.STRICT
-                finding = _Finding(Reason.DUPLICATE_PARAMETER, level, *bad_value)
-            elif finding is None and eq:
-                octets = _octets(value, eight_bit_ok)
-                if octets is not None:
-                    finding = _Finding(octets[0], _Level.STRICT, *bad_value, octets[1])
-                elif _ESMTP_VALUE.match(value) is None or not rule.strict(value):
-                    finding = _Finding(Reason.BAD_PARAMETER_VALUE, _Level.STRICT, *bad_value)
-        seen.add(name)
+        canonical, finding = _parameter(word, verb, offered, eight_bit_ok, seen)
         if finding is not None:
             findings.append(finding)
         if canonical:
             out.append(canonical)
     return out, findings
+
+
+def _parameter(
+    word: bytes, verb: Verb, offered: Offered, eight_bit_ok: bool, seen: set[bytes]
+) -> tuple[bytes, _Finding | None]:
+    """One parameter: its canonical form (empty: left out) and its finding."""
+    keyword, eq, value = word.partition(b"=")
+    if _KEYWORD.match(keyword) is None:
+        octet = _first_outside(keyword, _KEYWORD_OCTET)
+        malformed = (("option", "(malformed)"),)
+        return word, _Finding(
+            Reason.UNKNOWN_PARAMETER, _Level.ALWAYS, R.UNSUPPORTED_PARAMETER, malformed, octet
+        )
+    name = keyword.upper()
+    rule = PARAMETERS.get(name)
+    if rule is None or rule.verb is not verb:
+        unknown = (("option", name.decode("ascii")),)
+        return name + eq + value, _Finding(
+            Reason.UNKNOWN_PARAMETER, _Level.ALWAYS, R.UNSUPPORTED_PARAMETER, unknown
+        )
+    shown = value.upper() if rule.upper else value
+    canonical = name + eq + shown
+    needs = VALUE_EXTENSION.get((name, shown), rule.extension)
+    finding: _Finding | None = None
+    policy = None
+    if needs not in offered:
+        policy = rule.unadvertised if needs == rule.extension else Unadvertised.REFUSE
+        option = name.decode("ascii") + ("=" + shown.decode() if needs != rule.extension else "")
+        level = _Level.ALWAYS if policy is Unadvertised.REFUSE else _Level.STRICT
+        finding = _Finding(
+            Reason.UNKNOWN_PARAMETER, level, R.UNSUPPORTED_PARAMETER, (("option", option),)
+        )
+        if policy is Unadvertised.DROP:
+            canonical = b""  # never forwarded: its value does not matter
+    if policy is None or policy is Unadvertised.PASS:
+        found = _value_finding(rule, name, eq, value, seen)
+        if found is not None:
+            finding = found
+        elif finding is None and eq:
+            finding = _strict_value_finding(rule, name, value, eight_bit_ok)
+    seen.add(name)
+    return canonical, finding
+
+
+def _value_finding(
+    rule: Parameter, name: bytes, eq: bytes, value: bytes, seen: set[bytes]
+) -> _Finding | None:
+    """A known parameter's value Postfix refuses too, or its repetition."""
+    bad_value = R.BAD_PARAMETER, (("keyword", name.decode("ascii")),)
+    if bool(eq) != rule.has_value or (rule.has_value and not rule.lenient(value)):
+        return _Finding(Reason.BAD_PARAMETER_VALUE, _Level.ALWAYS, *bad_value)
+    if name in seen:
+        level = _Level.ALWAYS if rule.once else _Level.STRICT
+        return _Finding(Reason.DUPLICATE_PARAMETER, level, *bad_value)
+    return None
+
+
+def _strict_value_finding(
+    rule: Parameter, name: bytes, value: bytes, eight_bit_ok: bool
+) -> _Finding | None:
+    """A value outside the RFC grammar (refused in strict mode only)."""
+    bad_value = R.BAD_PARAMETER, (("keyword", name.decode("ascii")),)
+    octets = _octets(value, eight_bit_ok)
+    if octets is not None:
+        return _Finding(octets[0], _Level.STRICT, *bad_value, octets[1])
+    if _ESMTP_VALUE.match(value) is None or not rule.strict(value):
+        return _Finding(Reason.BAD_PARAMETER_VALUE, _Level.STRICT, *bad_value)
+    return None
 
 
 # The common case, already canonical: a plain ASCII path and plain parameters
@@ -959,29 +972,33 @@ def _transaction(
     else:
         eight_bit_ok = b"SMTPUTF8" in offered and any(w.upper() == b"SMTPUTF8" for w, _ in params)
     shown, param_findings = _parameters(params, verb, offered, eight_bit_ok)
-    findings: list[_Finding] = []
     parsed = _parse_path(path_word, rcpt) if complete else (Reason.PATH_SYNTAX, None, True)
-    octets = _octets(path_word, eight_bit_ok)
+    path, finding = _path_finding(path_word, parsed, _octets(path_word, eight_bit_ok), bad_path)
+    line = head + path + b"".join(b" " + p for p in shown)
+    return line, ([finding] if finding is not None else []) + param_findings
+
+
+def _path_finding(
+    word: bytes,
+    parsed: _Path | tuple[Reason, OctetClass | None, bool],
+    octets: tuple[Reason, OctetClass] | None,
+    bad_path: R.Reply,
+) -> tuple[bytes, _Finding | None]:
+    """The path to forward and what is wrong with it (as Postfix checks: the
+    syntax first, then the octets, then the limits)."""
     if isinstance(parsed, _Path):
-        path = parsed.canonical
-        limit = _path_limits(parsed)
-        if octets is not None:
-            reply = R.NON_ASCII_ADDRESS if octets[0] is Reason.EIGHT_BIT else bad_path
-            findings.append(_Finding(octets[0], _Level.STRICT, reply, (), octets[1]))
-        elif limit is not None:
-            findings.append(_Finding(limit, _Level.STRICT, bad_path))
+        path, fault = parsed.canonical, _path_limits(parsed)
+        if octets is None:
+            return path, _Finding(fault, _Level.STRICT, bad_path) if fault is not None else None
     else:
-        path = path_word
+        path = word
         reason, octet, fatal = parsed
         if fatal:
-            findings.append(_Finding(reason, _Level.FATAL, bad_path, (), octet))
-        elif octets is not None:
-            reply = R.NON_ASCII_ADDRESS if octets[0] is Reason.EIGHT_BIT else bad_path
-            findings.append(_Finding(octets[0], _Level.STRICT, reply, (), octets[1]))
-        else:
-            findings.append(_Finding(reason, _Level.STRICT, bad_path, (), octet))
-    line = head + path + b"".join(b" " + p for p in shown)
-    return line, findings + param_findings
+            return path, _Finding(reason, _Level.FATAL, bad_path, (), octet)
+        if octets is None:
+            return path, _Finding(reason, _Level.STRICT, bad_path, (), octet)
+    reply = R.NON_ASCII_ADDRESS if octets[0] is Reason.EIGHT_BIT else bad_path
+    return path, _Finding(octets[0], _Level.STRICT, reply, (), octets[1])
 
 
 def _hello(verb: Verb, argument: bytes) -> tuple[bytes, list[_Finding]]:
