@@ -16,7 +16,17 @@ from . import ehlo
 from .events import Event, Normalized, SyntaxFinding
 from .policy import Action
 from .rules import Verb
-from .syntax import PARAMETERS, VALUE_EXTENSION, Mode, Offered, Verdict, check
+from .syntax import (
+    ARGUMENT_REQUIRED,
+    PARAMETERS,
+    SHAPE_OF,
+    VALUE_EXTENSION,
+    Mode,
+    Offered,
+    Shape,
+    Verdict,
+    check,
+)
 
 #: ``policy.syntax`` action -> syntax mode.
 MODE_OF = {
@@ -34,6 +44,13 @@ _AFTER_HELO = Offered(
     frozenset(p.extension for p in PARAMETERS.values()) | frozenset(VALUE_EXTENSION.values())
 )
 _SIZE_PARAMETER = re.compile(rb" SIZE=[^ ]*", re.IGNORECASE)
+#: A verb alone, as written by every client (``DATA``, ``QUIT``...): canonical
+#: in every mode, so the grammar is not asked (the common case, per message).
+BARE = frozenset(
+    verb.value.encode()
+    for verb, shape in SHAPE_OF.items()
+    if shape in (Shape.NO_ARGUMENT, Shape.FREE) and verb not in ARGUMENT_REQUIRED
+)
 
 
 class ArgumentGuard:
@@ -60,6 +77,8 @@ class ArgumentGuard:
 
     def judge(self, verb: Verb, line: bytes, smtputf8: bool) -> Verdict:
         """The verdict on ``line`` (``smtputf8``: the transaction's MAIL had SMTPUTF8)."""
+        if line in BARE:
+            return Verdict(line, line, False)
         verdict = check(
             verb, line, mode=self.mode, offered=self.offered, smtputf8_transaction=smtputf8
         )

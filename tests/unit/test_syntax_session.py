@@ -248,3 +248,22 @@ def test_body_8bitmime_is_refused_at_mail_for_an_upstream_without_it() -> None:
     assert q.client(b"MAIL FROM:<a@b.example> BODY=8BITMIME\r\n")[0] == (
         b"MAIL FROM:<a@b.example> BODY=8BITMIME\r\n"
     )
+
+
+def test_a_bare_verb_skips_the_grammar_and_gets_the_same_verdict() -> None:
+    from smtpguard.protocol.arguments import BARE
+    from smtpguard.protocol.syntax import Mode, check
+
+    assert {b"DATA", b"QUIT", b"RSET", b"NOOP", b"HELP"} <= BARE
+    assert not {b"VRFY", b"EXPN", b"ETRN", b"EHLO", b"HELO", b"MAIL"} & BARE
+    for mode in ("observe", "normalize", "strict"):
+        p = peer(mode)
+        for line in BARE:
+            verb = Verb(line.decode())
+            fast = p.s._syntax.judge(verb, line, False)
+            full = check(verb, line, mode=Mode(mode))
+            assert (fast.forward, fast.reason, fast.changed) == (
+                full.forward,
+                full.reason,
+                full.changed,
+            ), (mode, line)
