@@ -73,6 +73,8 @@ SLOT_POLL_SECONDS = 0.05
 IDLE_SECONDS = 1.0
 #: Message and recipient counts are pushed at most this often (releases at once).
 SYNC_SECONDS = 0.1
+#: Releases alone wait this long for a session's call to share its round trip.
+RELEASE_COALESCE_SECONDS = 0.005
 #: While idle, the store is pinged this often (so that ``store_up`` is true).
 PING_SECONDS = 5.0
 
@@ -239,7 +241,6 @@ class RedisStore:
         #: The other processes' counts as last read: (kind, key) -> (count, when).
         self._others: dict[tuple[str, str], tuple[int, float]] = {}
         self._wake = trio.Event()
-        self._urgent = trio.Event()  # a release: sync without waiting for the batch
         self._synced = trio.Event()
         #: Sessions' script calls waiting for the next pipeline.
         self._queue: list[_Request] = []
@@ -344,36 +345,66 @@ class RedisStore:
         return request.answer
 
     async def _send_batches(self) -> None:
-        """Send the queued script calls, each batch in one pipeline."""
+        """Send the queued script calls and the releases, each batch in one
+        pipeline: under load a connection's calls and the releases of the
+        sessions that ended meanwhile share a round trip."""
         while True:
             await self._queued.wait()
             self._queued = trio.Event()
+            if not self._queue and self._release:
+                # Releases alone wait a moment for a session's call to ride with.
+                with trio.move_on_after(RELEASE_COALESCE_SECONDS):
+                    await self._queued.wait()
+                self._queued = trio.Event()
             batch, self._queue = self._queue, []
-            if not batch:
-                continue
+            release, self._release = self._release, []
+            if batch or release:
+                # New counts go along (a session's end pushes its own).
+                counts, self._pending = self._pending, {}
+                await self._send(batch, release, counts)
+            if release:
+                self._synced.set()
+                self._synced = trio.Event()
 
-            async def send(batch: list[_Request] = batch) -> list[Any]:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    pending = [_eval(r.script, r.keys, r.args, pipe) for r in batch]
-                return [await answer for answer in pending]
+    async def _send(
+        self,
+        batch: list[_Request],
+        release: list[tuple[str, str]],
+        counts: dict[tuple[str, str], int],
+    ) -> None:
+        async def send() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pending = [_eval(r.script, r.keys, r.args, pipe) for r in batch]
+                pending += [
+                    _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
+                    for (kind, key), n in counts.items()
+                ]
+                for set_key, name in release:
+                    pipe.zrem(set_key, [name])
+            return [await answer for answer in pending]
 
-            failure: BaseException | None = None
-            answers: list[Any] = []
-            with trio.move_on_after(self.settings.timeout_seconds) as scope:
-                try:
-                    answers = await send()
-                except (coredis.exceptions.RedisError, OSError) as exc:
-                    failure = exc
-                except Exception as exc:  # our bug or the client's: still fail open
-                    log.exception("store call failed", extra=fields(op="batch"))
-                    failure = exc
-            if scope.cancelled_caught and failure is None:
-                failure = TimeoutError("store batch timed out")
-            for index, request in enumerate(batch):
-                if failure is None:
-                    request.answer = answers[index]
-                request.failure = failure
-                request.done.set()
+        failure: BaseException | None = None
+        answers: list[Any] = []
+        with trio.move_on_after(self.settings.timeout_seconds) as scope:
+            try:
+                answers = await send()
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                failure = exc
+            except Exception as exc:  # our bug or the client's: still fail open
+                log.exception("store call failed", extra=fields(op="batch"))
+                failure = exc
+        if scope.cancelled_caught and failure is None:
+            failure = TimeoutError("store batch timed out")
+        if failure is not None and not batch:
+            self._failed(Op.SYNC, failure)  # releases alone: their leases end them
+        for index, request in enumerate(batch):
+            if failure is None:
+                request.answer = answers[index]
+            request.failure = failure
+            request.done.set()
+        if failure is None:
+            for (kind, key), total in zip(counts, answers[len(batch) :], strict=True):
+                self._fleet(kind, key, int(total))
 
     def _key(self, kind: str, key: str) -> str:
         return f"{self.settings.key_prefix}{{{key}}}:{kind}"
@@ -410,9 +441,9 @@ class RedisStore:
     def _forget(self, set_key: str, name: str) -> None:
         if (set_key, name) in self._live:
             self._live.discard((set_key, name))
-            self._release.append((set_key, name))
-            self._wake.set()
-            self._urgent.set()
+            if self.up:
+                self._release.append((set_key, name))
+                self._queued.set()
 
     # -- upstream slots ------------------------------------------------------
 
@@ -507,27 +538,23 @@ class RedisStore:
             self._wake = trio.Event()
             if not self._up:
                 self._pending.clear()  # counts of an outage stay local (fail open)
+                self._release.clear()  # their leases end them
                 await self._probe()
                 continue
             now = trio.current_time()
-            if self._pending and not self._release and now - synced < SYNC_SECONDS:
-                # Counts wait for the next batch (a release cuts the wait short).
-                with trio.move_on_at(synced + SYNC_SECONDS):
-                    await self._urgent.wait()
+            if self._pending and now - synced < SYNC_SECONDS:
+                await trio.sleep_until(synced + SYNC_SECONDS)  # counts wait for the batch
                 now = trio.current_time()
-            self._urgent = trio.Event()
             renew = now - renewed >= LEASE_SECONDS / 3
             if renew:
                 renewed = now
-            if self._pending or self._release or renew:
+            if self._pending or renew:
                 synced = contacted = now
                 await self._sync(renew)
             elif now - contacted >= PING_SECONDS:
                 # Idle: make sure smtpguard_store_up still tells the truth.
                 contacted = now
                 await self._call(Op.PING, self._client.ping)
-            self._synced.set()
-            self._synced = trio.Event()
 
     async def _probe(self) -> None:
         if trio.current_time() < self._down_until:
@@ -536,9 +563,10 @@ class RedisStore:
 
     async def _sync(self, renew: bool) -> None:
         pending, self._pending = self._pending, {}
-        release, self._release = self._release, []
         if renew:
             await self._renew()
+        if not pending:
+            return
 
         async def batch() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
@@ -546,8 +574,6 @@ class RedisStore:
                     _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
                     for (kind, key), n in pending.items()
                 ]
-                for set_key, name in release:
-                    pipe.zrem(set_key, [name])
             return [await a for a in answers]
 
         totals = await self._call(Op.SYNC, batch)
