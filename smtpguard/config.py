@@ -581,181 +581,50 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
     """Validate parsed YAML (a mapping) into a :class:`Config`.
 
     Relative paths (``sink.directory``) are taken from ``base``, by default
-    the current directory.
+    the current directory.  Each section has a parser of its own; they run
+    in a fixed order, so that of two bad keys the same one is reported.
     """
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError("(top level)", "must be a mapping of keys")
-    for k in raw:
-        if k not in _TOP_KEYS:
-            raise ConfigError(str(k), f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    raw = _top_level(raw)
     base = base or pathlib.Path.cwd()
-
-    hostname = raw.get("hostname", socket.gethostname())
-    if not isinstance(hostname, str) or not hostname or any(c.isspace() for c in hostname):
-        raise ConfigError("hostname", f"must be a host name without spaces, got {hostname!r}")
-
-    listen_raw = raw.get("listen", "127.0.0.1:2525")
-    items = listen_raw if isinstance(listen_raw, list) else [listen_raw]
-    if not items:
-        raise ConfigError("listen", "needs at least one address")
-    listeners = tuple(
-        _listener(f"listen[{i}]" if isinstance(listen_raw, list) else "listen", v)
-        for i, v in enumerate(items)
-    )
-    listen = tuple(listener.address for listener in listeners)
+    hostname = _hostname(raw)
+    listeners = _listeners(raw)
     tls = _tls(raw)
     if tls is None and any(listener.tls == "implicit" for listener in listeners):
         raise ConfigError("tls", "an implicit TLS listener needs tls.certificate and tls.key")
     auth = _section(raw, "auth", {"require_tls"})
     auth_require_tls = _bool("auth.require_tls", auth.get("require_tls", True))
-    identity = raw.get("upstream_identity", "none")
-    if identity not in ("none", "proxy_v1", "proxy_v2", "xclient"):
-        raise ConfigError(
-            "upstream_identity", f"must be none, proxy_v1, proxy_v2 or xclient, got {identity!r}"
-        )
-
+    identity = _choice(
+        raw, "upstream_identity", "none", ("none", "proxy_v1", "proxy_v2", "xclient")
+    )
     up_raw = raw.get("upstream")
     upstreams = _upstreams("upstream", up_raw) if up_raw is not None else ()
-    upstream = upstreams[0] if upstreams else None
-    up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name", "ciphers", "groups"})
-    up_tls_mode = up_tls.get("mode", "none")
-    if up_tls_mode not in ("none", "opportunistic", "required"):
-        raise ConfigError(
-            "upstream_tls.mode", f"must be none, opportunistic or required, got {up_tls_mode!r}"
-        )
-    ca_file = up_tls.get("ca_file")
-    if ca_file is not None and (
-        not isinstance(ca_file, str) or not pathlib.Path(ca_file).is_file()
-    ):
-        raise ConfigError("upstream_tls.ca_file", f"no such file: {ca_file!r}")
-    server_name = up_tls.get("server_name")
-    if server_name is not None and not isinstance(server_name, str):
-        raise ConfigError("upstream_tls.server_name", "must be a host name")
-    up_ciphers = _ciphers("upstream_tls.ciphers", up_tls.get("ciphers"))
-    up_groups = _groups("upstream_tls.groups", up_tls.get("groups"))
-    try:
-        tlsctx.client_context(verify=False, ciphers=up_ciphers, groups=up_groups)
-    except tlsctx.TLSSetupError as exc:
-        raise ConfigError(exc.key, exc.problem) from None
-    connect_mode = raw.get("upstream_connect", "on_command")
-    if connect_mode not in ("on_command", "on_accept"):
-        raise ConfigError(
-            "upstream_connect", f"must be 'on_command' or 'on_accept', got {connect_mode!r}"
-        )
-    banner = raw.get("banner")
-    if banner is not None and (
-        not isinstance(banner, str)
-        or not banner.strip()
-        or any(c in banner for c in "\r\n")
-        or len(banner.encode()) > 500
-    ):
-        raise ConfigError(
-            "banner", "must be one line of text, at most 500 octets (the 220 greeting's text)"
-        )
-    up_limits = _section(raw, "upstream_limits", {"max_sessions", "queue_seconds"})
-    max_sessions = int(
-        _number("upstream_limits.max_sessions", up_limits.get("max_sessions", 0), 0, True)
-    )
-    queue_seconds = _number("upstream_limits.queue_seconds", up_limits.get("queue_seconds", 30), 0)
+    upstream_tls = _upstream_tls(raw)
+    connect_mode = _choice(raw, "upstream_connect", "on_command", ("on_command", "on_accept"))
+    banner = _banner(raw)
+    max_sessions, queue_seconds = _upstream_limits(raw)
     rates = _rates(raw)
     store = _store(raw)
-    selection = raw.get("upstream_selection", "ordered")
-    if selection not in ("ordered", "round_robin"):
-        raise ConfigError(
-            "upstream_selection", f"must be 'ordered' or 'round_robin', got {selection!r}"
-        )
-
-    sink = _section(raw, "sink", {"directory"})
-    sink_dir = sink.get("directory", "smtpguard-mail")
-    if not isinstance(sink_dir, str) or not sink_dir:
-        raise ConfigError("sink.directory", f"must be a folder path, got {sink_dir!r}")
-
-    metrics = _section(raw, "metrics", {"listen", "enabled"})
-    metrics_listen: Address | None = parse_address(
-        "metrics.listen", metrics.get("listen", "127.0.0.1:9325")
-    )
-    if not _bool("metrics.enabled", metrics.get("enabled", True)):
-        metrics_listen = None
-
+    selection = _choice(raw, "upstream_selection", "ordered", ("ordered", "round_robin"))
+    sink_dir = _sink_directory(raw)
+    metrics_listen = _metrics_listen(raw)
     help_ = _section(raw, "help", {"local", "text", "topics"})
-    topics_raw = help_.get("topics", DEFAULT_HELP_TOPICS)
-    if not isinstance(topics_raw, Mapping):
-        raise ConfigError("help.topics", "must be a mapping of VERB: text")
-    topics = {
-        str(k).upper(): _lines(f"help.topics.{k}", v)
-        for k, v in topics_raw.items()  # noqa: PERF102
-    }
-
+    topics = _help_topics(help_)
     pipelining = _section(raw, "pipelining", {"offer", "upstream"})
-    upstream_mode = pipelining.get("upstream", "auto")
-    if upstream_mode not in ("auto", "serial"):
-        raise ConfigError(
-            "pipelining.upstream", f"must be 'auto' or 'serial', got {upstream_mode!r}"
-        )
-
+    upstream_mode = _choice(pipelining, "upstream", "auto", ("auto", "serial"), "pipelining.")
     ehlo = _section(raw, "ehlo", {"discard_keywords", "chunking"})
-    discard = ehlo.get("discard_keywords", [])
-    if not isinstance(discard, list) or not all(isinstance(k, str) and k for k in discard):
-        raise ConfigError("ehlo.discard_keywords", "must be a list of EHLO keywords")
-
-    limits = _section(
-        raw,
-        "limits",
-        {
-            "max_line_bytes",
-            "max_pipelined_commands",
-            "max_message_bytes",
-            "max_recipients",
-            "max_unknown_commands",
-            "hard_error_limit",
-            "max_connections",
-            "max_connections_per_client",
-            "max_text_line_bytes",
-        },
-    )
+    discard = _discard_keywords(ehlo)
+    limits = _section(raw, "limits", _LIMITS_KEYS)
     policy, greet_wait = _policy(raw, limits)
-    max_connections = int(
-        _number("limits.max_connections", limits.get("max_connections", 10000), 1, True)
-    )
-    max_per_client = int(
-        _number(
-            "limits.max_connections_per_client",
-            limits.get("max_connections_per_client", 50),
-            1,
-            True,
-        )
-    )
+    max_connections, max_per_client = _connection_limits(limits)
     timeouts_raw = _section(raw, "timeouts", set(Timeouts.__dataclass_fields__))
     timeouts = Timeouts(**{k: _number(f"timeouts.{k}", v, 0.001) for k, v in timeouts_raw.items()})
-
-    log = _section(raw, "log", {"level", "format"})
-    log_level = str(log.get("level", "info")).lower()
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log.level", f"must be debug, info, warning or error, got {log_level!r}")
-    log_format = log.get("format", "logfmt")
-    if log_format not in ("logfmt", "json"):
-        raise ConfigError("log.format", f"must be 'logfmt' or 'json', got {log_format!r}")
-
-    annotate = _section(raw, "annotate", {"mode", "header"})
-    annotate_mode = annotate.get("mode", AnnotateMode.OFF)
-    if annotate_mode is False:
-        annotate_mode = AnnotateMode.OFF
-    if annotate_mode is True:
-        annotate_mode = AnnotateMode.ALWAYS
-    if annotate_mode not in tuple(AnnotateMode):
-        raise ConfigError(
-            "annotate.mode", f"must be off, always or violations, got {annotate_mode!r}"
-        )
-    header = annotate.get("header", "X-SMTPGuard")
-    if (
-        not isinstance(header, str)
-        or not 0 < len(header) <= 76
-        or not all(c.isascii() and (c.isalnum() or c == "-") for c in header)
-    ):
-        raise ConfigError("annotate.header", f"must be a header field name, got {header!r}")
-
+    log_level, log_format = _log(raw)
+    annotate_mode, header = _annotate(raw)
+    help_local = _bool("help.local", help_.get("local", True))
+    help_text = _lines("help.text", help_.get("text", list(DEFAULT_HELP)))
+    offer_pipelining = _bool("pipelining.offer", pipelining.get("offer", True))
+    chunking = _bool("ehlo.chunking", ehlo.get("chunking", True))
+    max_line_bytes, max_pipelined = _line_limits(limits)
     session = SessionOptions(
         tls_offered=tls is not None,
         auth_require_tls=auth_require_tls,
@@ -763,34 +632,24 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
         annotate=AnnotateMode(annotate_mode),
         annotate_header=header,
         hostname=hostname,
-        help_local=_bool("help.local", help_.get("local", True)),
-        help_text=_lines("help.text", help_.get("text", list(DEFAULT_HELP))),
+        help_local=help_local,
+        help_text=help_text,
         help_topics=topics,
-        offer_pipelining=_bool("pipelining.offer", pipelining.get("offer", True)),
+        offer_pipelining=offer_pipelining,
         upstream_pipelining=upstream_mode == "auto",
-        chunking=_bool("ehlo.chunking", ehlo.get("chunking", True)),
+        chunking=chunking,
         # A refused verb's EHLO keyword goes too (VRFY, EXPN, HELP, ETRN).
         discard_keywords=frozenset(k.upper() for k in discard)
         | {v.decode() for v in policy.refused_commands},
-        max_line_bytes=int(
-            _number("limits.max_line_bytes", limits.get("max_line_bytes", 512), 64, True)
-        ),
-        max_pipelined_commands=int(
-            _number(
-                "limits.max_pipelined_commands", limits.get("max_pipelined_commands", 100), 1, True
-            )
-        ),
+        max_line_bytes=max_line_bytes,
+        max_pipelined_commands=max_pipelined,
     )
     return Config(
-        listen=listen,
-        upstream=upstream,
+        listen=tuple(listener.address for listener in listeners),
+        upstream=upstreams[0] if upstreams else None,
         upstreams=upstreams,
-        upstream_tls=up_tls_mode,
         workers=_workers(raw.get("workers", "auto")),
-        upstream_tls_ca_file=ca_file,
-        upstream_tls_server_name=server_name,
-        upstream_tls_ciphers=up_ciphers,
-        upstream_tls_groups=up_groups,
+        **upstream_tls,
         upstream_selection=selection,
         sink_directory=(base / sink_dir).resolve(),
         metrics_listen=metrics_listen,
@@ -815,6 +674,202 @@ def load(raw: object, base: pathlib.Path | None = None) -> Config:
             "shutdown_grace_seconds", raw.get("shutdown_grace_seconds", 30), 0
         ),
     )
+
+
+_LIMITS_KEYS = {
+    "max_line_bytes",
+    "max_pipelined_commands",
+    "max_message_bytes",
+    "max_recipients",
+    "max_unknown_commands",
+    "hard_error_limit",
+    "max_connections",
+    "max_connections_per_client",
+    "max_text_line_bytes",
+}
+
+
+def _top_level(raw: object) -> Mapping[str, Any]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("(top level)", "must be a mapping of keys")
+    for k in raw:
+        if k not in _TOP_KEYS:
+            raise ConfigError(str(k), f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+    return raw
+
+
+def _choice(
+    section: Mapping[str, Any], key: str, default: str, allowed: tuple[str, ...], prefix: str = ""
+) -> str:
+    """One of ``allowed``; the error lists them as the key's message always has."""
+    value = section.get(key, default)
+    if value not in allowed:
+        if len(allowed) == 2:
+            known = f"'{allowed[0]}' or '{allowed[1]}'"
+        else:
+            known = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+        raise ConfigError(f"{prefix}{key}", f"must be {known}, got {value!r}")
+    return str(value)
+
+
+def _hostname(raw: Mapping[str, Any]) -> str:
+    hostname = raw.get("hostname", socket.gethostname())
+    if not isinstance(hostname, str) or not hostname or any(c.isspace() for c in hostname):
+        raise ConfigError("hostname", f"must be a host name without spaces, got {hostname!r}")
+    return hostname
+
+
+def _listeners(raw: Mapping[str, Any]) -> tuple[Listener, ...]:
+    listen_raw = raw.get("listen", "127.0.0.1:2525")
+    items = listen_raw if isinstance(listen_raw, list) else [listen_raw]
+    if not items:
+        raise ConfigError("listen", "needs at least one address")
+    return tuple(
+        _listener(f"listen[{i}]" if isinstance(listen_raw, list) else "listen", v)
+        for i, v in enumerate(items)
+    )
+
+
+def _upstream_tls(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``upstream_tls``: the Config fields it sets."""
+    up_tls = _section(raw, "upstream_tls", {"mode", "ca_file", "server_name", "ciphers", "groups"})
+    mode = _choice(up_tls, "mode", "none", ("none", "opportunistic", "required"), "upstream_tls.")
+    ca_file = up_tls.get("ca_file")
+    if ca_file is not None and (
+        not isinstance(ca_file, str) or not pathlib.Path(ca_file).is_file()
+    ):
+        raise ConfigError("upstream_tls.ca_file", f"no such file: {ca_file!r}")
+    server_name = up_tls.get("server_name")
+    if server_name is not None and not isinstance(server_name, str):
+        raise ConfigError("upstream_tls.server_name", "must be a host name")
+    ciphers = _ciphers("upstream_tls.ciphers", up_tls.get("ciphers"))
+    groups = _groups("upstream_tls.groups", up_tls.get("groups"))
+    try:
+        tlsctx.client_context(verify=False, ciphers=ciphers, groups=groups)
+    except tlsctx.TLSSetupError as exc:
+        raise ConfigError(exc.key, exc.problem) from None
+    return {
+        "upstream_tls": mode,
+        "upstream_tls_ca_file": ca_file,
+        "upstream_tls_server_name": server_name,
+        "upstream_tls_ciphers": ciphers,
+        "upstream_tls_groups": groups,
+    }
+
+
+def _banner(raw: Mapping[str, Any]) -> str | None:
+    banner = raw.get("banner")
+    if banner is not None and (
+        not isinstance(banner, str)
+        or not banner.strip()
+        or any(c in banner for c in "\r\n")
+        or len(banner.encode()) > 500
+    ):
+        raise ConfigError(
+            "banner", "must be one line of text, at most 500 octets (the 220 greeting's text)"
+        )
+    return banner
+
+
+def _upstream_limits(raw: Mapping[str, Any]) -> tuple[int, float]:
+    """``upstream_limits``: (max_sessions, queue_seconds)."""
+    up_limits = _section(raw, "upstream_limits", {"max_sessions", "queue_seconds"})
+    max_sessions = int(
+        _number("upstream_limits.max_sessions", up_limits.get("max_sessions", 0), 0, True)
+    )
+    queue_seconds = _number("upstream_limits.queue_seconds", up_limits.get("queue_seconds", 30), 0)
+    return max_sessions, queue_seconds
+
+
+def _sink_directory(raw: Mapping[str, Any]) -> str:
+    sink = _section(raw, "sink", {"directory"})
+    sink_dir = sink.get("directory", "smtpguard-mail")
+    if not isinstance(sink_dir, str) or not sink_dir:
+        raise ConfigError("sink.directory", f"must be a folder path, got {sink_dir!r}")
+    return sink_dir
+
+
+def _metrics_listen(raw: Mapping[str, Any]) -> Address | None:
+    metrics = _section(raw, "metrics", {"listen", "enabled"})
+    listen = parse_address("metrics.listen", metrics.get("listen", "127.0.0.1:9325"))
+    if not _bool("metrics.enabled", metrics.get("enabled", True)):
+        return None
+    return listen
+
+
+def _help_topics(help_: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    topics_raw = help_.get("topics", DEFAULT_HELP_TOPICS)
+    if not isinstance(topics_raw, Mapping):
+        raise ConfigError("help.topics", "must be a mapping of VERB: text")
+    return {
+        str(k).upper(): _lines(f"help.topics.{k}", v)
+        for k, v in topics_raw.items()  # noqa: PERF102
+    }
+
+
+def _discard_keywords(ehlo: Mapping[str, Any]) -> list[str]:
+    discard = ehlo.get("discard_keywords", [])
+    if not isinstance(discard, list) or not all(isinstance(k, str) and k for k in discard):
+        raise ConfigError("ehlo.discard_keywords", "must be a list of EHLO keywords")
+    return discard
+
+
+def _connection_limits(limits: Mapping[str, Any]) -> tuple[int, int]:
+    """``limits.max_connections`` and ``limits.max_connections_per_client``."""
+    max_connections = int(
+        _number("limits.max_connections", limits.get("max_connections", 10000), 1, True)
+    )
+    max_per_client = int(
+        _number(
+            "limits.max_connections_per_client",
+            limits.get("max_connections_per_client", 50),
+            1,
+            True,
+        )
+    )
+    return max_connections, max_per_client
+
+
+def _line_limits(limits: Mapping[str, Any]) -> tuple[int, int]:
+    """``limits.max_line_bytes`` and ``limits.max_pipelined_commands``."""
+    max_line_bytes = int(
+        _number("limits.max_line_bytes", limits.get("max_line_bytes", 512), 64, True)
+    )
+    max_pipelined = int(
+        _number("limits.max_pipelined_commands", limits.get("max_pipelined_commands", 100), 1, True)
+    )
+    return max_line_bytes, max_pipelined
+
+
+def _log(raw: Mapping[str, Any]) -> tuple[str, str]:
+    """``log``: (level, format)."""
+    log = _section(raw, "log", {"level", "format"})
+    log_level = str(log.get("level", "info")).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log.level", f"must be debug, info, warning or error, got {log_level!r}")
+    return log_level, _choice(log, "format", "logfmt", ("logfmt", "json"), "log.")
+
+
+def _annotate(raw: Mapping[str, Any]) -> tuple[str, str]:
+    """``annotate``: (mode, header)."""
+    annotate = _section(raw, "annotate", {"mode", "header"})
+    mode = annotate.get("mode", "off")
+    if mode is False:
+        mode = "off"
+    if mode is True:
+        mode = "always"
+    if mode not in ("off", "always", "violations"):
+        raise ConfigError("annotate.mode", f"must be off, always or violations, got {mode!r}")
+    header = annotate.get("header", "X-SMTPGuard")
+    if (
+        not isinstance(header, str)
+        or not 0 < len(header) <= 76
+        or not all(c.isascii() and (c.isalnum() or c == "-") for c in header)
+    ):
+        raise ConfigError("annotate.header", f"must be a header field name, got {header!r}")
+    return mode, header
 
 
 def load_file(path: str | pathlib.Path) -> Config:

@@ -79,7 +79,9 @@ class _Worker(logging.Filter):
 
 
 def setup(level: str = "info", fmt: str = "logfmt", worker: str | None = None) -> None:
-    """Send the ``smtpguard`` logger's records to stderr in ``fmt`` at ``level``."""
+    """Send the ``smtpguard`` logger's records to stderr in ``fmt`` at ``level``,
+    and those of trio's accept loop (``trio.serve_listeners``: it reports
+    EMFILE and friends, and retries)."""
     handler = logging.StreamHandler(sys.stderr)
     if worker is not None:
         handler.addFilter(_Worker(worker))
@@ -88,3 +90,6 @@ def setup(level: str = "info", fmt: str = "logfmt", worker: str | None = None) -
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    accept = logging.getLogger("trio.serve_listeners")
+    accept.handlers[:] = [handler]
+    accept.propagate = False

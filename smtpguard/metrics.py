@@ -548,40 +548,67 @@ class Metrics:
         self._observations.append((self._latency[step], seconds))
 
     def observe(self, events: Iterable[Event]) -> None:
-        """Count what the core decided (children cached: this runs per command)."""
-        pending = self._pending
+        """Count a batch of the core's events (sessions without a relayed
+        connection; a relayed one goes through observer.py, one pass)."""
+        count = self.count
         for event in events:
-            if type(event) is Forwarded:
-                fwd = self._forwarded.get(event.step)
-                if fwd is not None:
-                    pending[fwd] = pending.get(fwd, 0) + 1
-                if event.step is Verb.HELP:
-                    self.help.labels("forwarded").inc()
-            elif type(event) is UpstreamReplied:
-                key = (event.step, event.code // 100)
-                child = self._replies.get(key)
-                if child is None:
-                    child = self._replies[key] = self.upstream_replies.labels(
-                        event.step.value, f"{event.code // 100}xx"
-                    )
-                pending[child] = pending.get(child, 0) + 1
-                if event.step in (Verb.AUTH, Verb.AUTH_RESPONSE) and event.code != 334:
-                    self.auth_results.labels("success" if event.code < 400 else "failure").inc()
-            elif type(event) is LocalReply:
-                self.local_replies.labels(str(event.code)).inc()
-                if event.code == 214:
-                    self.help.labels("local").inc()
-            elif type(event) is Violation:
-                self.violations.labels(event.verb.value, event.phase.value).inc()
-            elif type(event) is MessageDone:
-                self.messages.labels(event.outcome).inc()
-                self.message_size.observe(event.size_bytes)
-            elif type(event) is PolicyAction:
-                self.policy_actions.labels(event.defence.value, event.action).inc()
-            elif type(event) is SyntaxFinding:
-                self.syntax_violations.labels(event.verb.value, event.reason).inc()
-            elif type(event) is Normalized:
-                self.commands_normalized.labels(event.verb.value).inc()
+            handler = count.get(type(event))
+            if handler is not None:
+                handler(event)
+
+    @property
+    def count(self) -> dict[type, Callable[[Any], None]]:
+        """The counting step for each event type (children cached: this runs
+        per command)."""
+        return {
+            Forwarded: self.forwarded_command,
+            UpstreamReplied: self.upstream_replied,
+            LocalReply: self.local_reply,
+            Violation: self.violation,
+            MessageDone: self.message_done,
+            PolicyAction: self.policy_action,
+            SyntaxFinding: self.syntax_finding,
+            Normalized: self.normalized_command,
+        }
+
+    def forwarded_command(self, event: Forwarded) -> None:
+        fwd = self._forwarded.get(event.step)
+        if fwd is not None:
+            self._pending[fwd] = self._pending.get(fwd, 0) + 1
+        if event.step is Verb.HELP:
+            self.help.labels("forwarded").inc()
+
+    def upstream_replied(self, event: UpstreamReplied) -> None:
+        key = (event.step, event.code // 100)
+        child = self._replies.get(key)
+        if child is None:
+            child = self._replies[key] = self.upstream_replies.labels(
+                event.step.value, f"{event.code // 100}xx"
+            )
+        self._pending[child] = self._pending.get(child, 0) + 1
+        if event.step in (Verb.AUTH, Verb.AUTH_RESPONSE) and event.code != 334:
+            self.auth_results.labels("success" if event.code < 400 else "failure").inc()
+
+    def local_reply(self, event: LocalReply) -> None:
+        self.local_replies.labels(str(event.code)).inc()
+        if event.code == 214:
+            self.help.labels("local").inc()
+
+    def violation(self, event: Violation) -> None:
+        self.violations.labels(event.verb.value, event.phase.value).inc()
+
+    def message_done(self, event: MessageDone) -> None:
+        self.messages.labels(event.outcome).inc()
+        self.message_size.observe(event.size_bytes)
+
+    def policy_action(self, event: PolicyAction) -> None:
+        self.policy_actions.labels(event.defence.value, event.action).inc()
+
+    def syntax_finding(self, event: SyntaxFinding) -> None:
+        self.syntax_violations.labels(event.verb.value, event.reason).inc()
+
+    def normalized_command(self, event: Normalized) -> None:
+        self.commands_normalized.labels(event.verb.value).inc()
 
     def exposition(self) -> builtins.bytes:  # ``bytes`` is a family here
         return builtins.bytes(generate_latest(self.registry))

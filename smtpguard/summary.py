@@ -45,24 +45,34 @@ class SessionSummary:
         self.messages: Counter[str] = Counter()
 
     def observe(self, events: Iterable[Event]) -> None:
+        """A batch of events (the tests; a connection goes through observer.py)."""
         for event in events:
             if type(event) is UpstreamReplied:
-                name = _COMMAND_NAME[event.step]
-                if name is None:
-                    continue
-                self.total[name] += 1
-                if event.code < 400:
-                    self.ok[name] += 1
+                self.upstream_replied(event)
             elif type(event) is LocalReply:
-                if event.code != 421:  # a 421 ends the session, it answers no command
-                    local = event.verb.value.lower()
-                    self.total[local] += 1
-                    if event.code < 400:
-                        self.ok[local] += 1
+                self.local_reply(event)
             elif type(event) is Violation:
                 self.violations += 1
             elif type(event) is MessageDone:
-                self.messages[event.outcome] += 1
+                self.message_done(event)
+
+    def upstream_replied(self, event: UpstreamReplied) -> None:
+        name = _COMMAND_NAME[event.step]
+        if name is None:
+            return
+        self.total[name] += 1
+        if event.code < 400:
+            self.ok[name] += 1
+
+    def local_reply(self, event: LocalReply) -> None:
+        if event.code != 421:  # a 421 ends the session, it answers no command
+            local = event.verb.value.lower()
+            self.total[local] += 1
+            if event.code < 400:
+                self.ok[local] += 1
+
+    def message_done(self, event: MessageDone) -> None:
+        self.messages[event.outcome] += 1
 
     def fields(self) -> dict[str, str | int]:
         """Ordered fields for the log line: per-verb counts, then commands."""

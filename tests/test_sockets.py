@@ -1,5 +1,5 @@
-"""The proxy over real loopback sockets, in process: the direct read and write
-paths (``_read_fd``, ``_send``) that memory streams never take.
+"""The proxy over real loopback sockets, in process: the descriptor reads and
+writes (``wire.SocketWire``) that memory streams never take.
 
 A client streams a large message as fast as it can; the upstream reads it
 slowly, so smtpguard's sends find the socket full and must wait for room.
