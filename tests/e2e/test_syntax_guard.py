@@ -504,6 +504,89 @@ def assert_log_is_free_of_arguments(
     assert "example" not in log  # every address and name of the corpus is in example.com
 
 
+def test_strict_mode_scopes_smtputf8_to_its_transaction_and_answers_in_turn(
+    guard_factory: GuardFactory,
+) -> None:
+    """8-bit addresses only inside the transaction whose MAIL carried SMTPUTF8 (not after
+    RSET, a new EHLO or the next MAIL); a refusal among pipelined commands is answered in
+    its turn, and only the valid commands reach the upstream."""
+    utf8_rcpt = b"RCPT TO:<\xc3\xa9@example.com>"
+    refused_8bit = b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n"
+    # (what the client sends in one write, the replies it must get) per session.
+    scripts: list[list[tuple[bytes, list[bytes]]]] = [
+        [
+            (
+                b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b\x01@example.com>\r\n"
+                b"RCPT TO:<c@example.com>\r\nDATA\r\n",
+                [
+                    b"250 2.0.0 ok\r\n",
+                    b"501 5.1.3 Bad recipient address syntax\r\n",
+                    b"250 2.0.0 ok\r\n",
+                    b"354 go ahead\r\n",
+                ],
+            ),
+            (b"x\r\n.\r\n", [b"250 2.0.0 queued\r\n"]),
+        ],
+        [
+            (
+                b"MAIL FROM:garbage\r\nRCPT TO:<c@example.com>\r\nDATA\r\n",
+                [
+                    b"501 5.1.7 Bad sender address syntax\r\n",
+                    b"503 5.5.1 Error: need MAIL before RCPT\r\n",
+                    b"503 5.5.1 Error: need MAIL command\r\n",
+                ],
+            ),
+        ],
+        [
+            (b"MAIL FROM:<a@example.com> SMTPUTF8\r\n", [b"250 2.0.0 ok\r\n"]),
+            (utf8_rcpt + CRLF, [b"250 2.0.0 ok\r\n"]),
+            (b"RSET\r\n", [b"250 2.0.0 ok\r\n"]),
+            (b"MAIL FROM:<b@example.com>\r\n", [b"250 2.0.0 ok\r\n"]),
+            (utf8_rcpt + CRLF, [refused_8bit]),
+        ],
+        [
+            (b"MAIL FROM:<a@example.com> SMTPUTF8\r\n" + utf8_rcpt + CRLF + b"DATA\r\n", []),
+            (b"x\r\n.\r\n", [b"250 2.0.0 queued\r\n"]),
+            (b"MAIL FROM:<b@example.com>\r\n", [b"250 2.0.0 ok\r\n"]),
+            (utf8_rcpt + CRLF, [refused_8bit]),
+        ],
+        [
+            (b"MAIL FROM:<a@example.com> SMTPUTF8\r\n", [b"250 2.0.0 ok\r\n"]),
+            (b"EHLO c.example\r\n", []),
+            (b"MAIL FROM:<b@example.com>\r\n", [b"250 2.0.0 ok\r\n"]),
+            (utf8_rcpt + CRLF, [refused_8bit]),
+        ],
+    ]
+    with RecordingUpstream(keywords=KEYWORDS) as upstream:
+        guard = guard_factory(upstream.upstream, policy={"syntax": "strict"})
+        for script in scripts:
+            with RawClient(guard.port) as client:
+                client.reply()
+                client.send(b"EHLO c.example\r\n")
+                client.reply()
+                for data, replies in script:
+                    client.send(data)
+                    count = len(replies) or data.count(CRLF)
+                    got = client.replies(count)
+                    assert not replies or got == replies, (data, got)
+                client.send(b"QUIT\r\n")
+                client.reply()
+        sessions = upstream.wait_closed(len(scripts))
+    assert [session_problems(s.lines) for s in sessions] == [[]] * len(scripts)
+    assert sessions[0].lines == [
+        b"EHLO c.example",
+        b"MAIL FROM:<a@example.com>",
+        b"RCPT TO:<c@example.com>",
+        b"DATA",
+        b"QUIT",
+    ]
+    assert sessions[1].lines == [b"EHLO c.example", b"QUIT"]
+    assert [line for s in sessions for line in s.lines if not line.isascii()] == [
+        utf8_rcpt,
+        utf8_rcpt,
+    ]
+
+
 # --------------------------------------------------------------------------- 2. legacy upstream
 
 
