@@ -877,11 +877,12 @@ def test_swaks_is_unaffected(
     result = swaks(
         "--server", "127.0.0.1", "--port", str(guard.port), "--ehlo", helo,
         "--from", sender, "--to", ",".join(rcpts), "--pipeline",
-        "--header", f"Subject: swaks {t}", "--body", "plain body",
+        "--header", f"Subject: swaks {t}", "--body", EIGHT_BIT_TEXT,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     [arrived] = debug_postfix.wait_for_messages(1, where=lambda m: t in m.text)
     assert (arrived.sender, sorted(arrived.recipients)) == (sender, sorted(rcpts))
+    assert EIGHT_BIT_TEXT.encode() in arrived.data
     commands, counters = postfix_commands(debug_postfix, offset, helo)
     assert mail_lines(commands) == [
         f"MAIL FROM:<{sender}>".encode(),
