@@ -1386,10 +1386,24 @@ class PostfixClient(Postfix):
             check=True,
         )
 
-    def submit(self, sender: str, recipients: Iterable[str], data: bytes) -> None:
-        """Queue ``data`` (a whole message, LF or CRLF line ends) from ``sender``."""
+    def submit(
+        self, sender: str, recipients: Iterable[str], data: bytes, options: Sequence[str] = ()
+    ) -> None:
+        """Queue ``data`` (a whole message, LF or CRLF line ends) from ``sender``.
+
+        ``options``: more sendmail(1) options, e.g. ``("-N", "success,failure", "-V", envid,
+        "-R", "hdrs", "-B", "8BITMIME")`` for DSN and the body type."""
         result = subprocess.run(
-            [find_program("sendmail"), "-C", str(self.config_dir), "-f", sender, "--", *recipients],
+            [
+                find_program("sendmail"),
+                "-C",
+                str(self.config_dir),
+                *options,
+                "-f",
+                sender,
+                "--",
+                *recipients,
+            ],
             input=data,
             capture_output=True,
             timeout=30,
