@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 from .policy import NON_SMTP_WORDS, TLS_HANDSHAKE_PREFIX
+from .rules import first_word
 
 
 class FirstLine(enum.Enum):
@@ -34,7 +35,7 @@ def judge(buf: bytes | bytearray, max_line_bytes: int) -> FirstLine:
     if end < 0:
         # A line longer than any command: let the session answer it (500).
         return FirstLine.COMMAND if len(buf) >= max_line_bytes else FirstLine.INCOMPLETE
-    word = bytes(buf[:end]).rstrip(b"\r").split(b" ", 1)[0].upper()
+    word = first_word(bytes(buf[:end]))
     if word == b"QUIT":
         return FirstLine.QUIT
     if word in NON_SMTP_WORDS or word.endswith(b":"):

@@ -123,6 +123,13 @@ VERB_BY_NAME: dict[bytes, Verb] = {
 }
 
 
+def first_word(line: bytes) -> bytes:
+    """The verb of a command line, upper case: its first word, ended by any
+    white space (a TAB too, as Postfix's smtpd_token reads it)."""
+    words = line.split(None, 1)
+    return words[0].upper() if words else b""
+
+
 class Phase(FastEnum):
     """Where the session stands."""
 

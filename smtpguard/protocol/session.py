@@ -79,6 +79,7 @@ from .rules import (
     State,
     Verb,
     advance,
+    first_word,
     framing_of,
     local_answer,
     must_end_transaction,
@@ -716,7 +717,7 @@ class Session:
         line = bytes(data[:end])
         if b"\r" in line or b"\n" in line or b"\0" in line:
             return None
-        verb = VERB_BY_NAME.get(line.split(b" ", 1)[0].upper())
+        verb = VERB_BY_NAME.get(first_word(line))
         if verb is None or verb not in _FAST_VERBS or (verb in LOCAL_ANSWERS and self._reidentify):
             return None
         state = self.state
@@ -729,7 +730,7 @@ class Session:
     # --------------------------------------------------------- commands
 
     def _command(self, line: bytes) -> None:
-        word = line.split(b" ", 1)[0].upper()
+        word = first_word(line)
         verb = VERB_BY_NAME.get(word, Verb.UNKNOWN)
         if verb is not Verb.AUTH and len(line) + 2 > self.options.max_line_bytes:
             # Service extensions raise the limit (RFC 5321 4.5.3.1.4).

@@ -713,8 +713,10 @@ def _literal(text: bytes) -> bool:
         return False
     if tag.upper() == b"IPV6":
         return _ipv6(rest)
-    # General-address-literal; "IPv6" is taken, others must be registered.
-    return _LDH_STR.match(tag) is not None and _DCONTENT.match(rest) is not None
+    # A General-address-literal's tag must be registered with IANA (RFC 5321
+    # 4.1.3), and IPv6 is the only one: any other is refused in strict mode
+    # (Postfix refuses it too: 501 5.1.7).
+    return False
 
 
 def _domain_fault(domain: bytes) -> tuple[Reason, OctetClass | None] | None:

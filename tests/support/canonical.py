@@ -66,14 +66,11 @@ def _grammar(utf8: bool) -> dict[str, bytes]:
     g["General-address-literal"] = (
         rb"(?![Ii][Pp][Vv]6:)" + g["Ldh-str"] + rb":[\x21-\x5a\x5e-\x7e]+"
     )
+    # A General-address-literal's Standardized-tag MUST be registered with
+    # IANA (RFC 5321 4.1.3) and IPv6 is the only one: canonical literals are
+    # IPv4 and IPv6 (the grammar rule above stays, for reference).
     g["address-literal"] = (
-        rb"\[(?:"
-        + g["IPv4-address-literal"]
-        + rb"|[Ii][Pp][Vv]6:"
-        + g["IPv6-addr"]
-        + b"|"
-        + g["General-address-literal"]
-        + rb")\]"
+        rb"\[(?:" + g["IPv4-address-literal"] + rb"|[Ii][Pp][Vv]6:" + g["IPv6-addr"] + rb")\]"
     )
     g["Mailbox"] = (
         b"(?P<local>"
