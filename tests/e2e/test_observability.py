@@ -43,20 +43,28 @@ def observed(
     postfix: Postfix,
 ) -> Iterator[tuple[Guard, Postfix, Callable[..., Prometheus]]]:
     # With a shared store, so that its series (smtpguard_store_*) exist too.
-    redis = RedisServer()
-    guard = Guard(
-        f"{postfix.host}:{postfix.port}",
-        annotate={"mode": "violations", "header": "X-SMTPGuard"},
-        log={"format": "json"},
-        store={"redis": redis.url},
-    )
-    with redis, guard:
-        prometheus = Prometheus([f"127.0.0.1:{guard.metrics_port}"], rule_files=[ALERTS])
-        prometheus.start()
-        try:
-            yield guard, postfix, lambda: prometheus
-        finally:
-            prometheus.stop()
+    # Redis is started (its port bound) before smtpguard picks its free ports:
+    # both take ports the OS calls free, and an unbound one can be given twice.
+    with RedisServer() as redis:
+        guard = Guard(
+            f"{postfix.host}:{postfix.port}",
+            annotate={"mode": "violations", "header": "X-SMTPGuard"},
+            log={"format": "json"},
+            store={"redis": redis.url},
+        )
+        with guard:
+            yield from _with_prometheus(guard, postfix)
+
+
+def _with_prometheus(
+    guard: Guard, postfix: Postfix
+) -> Iterator[tuple[Guard, Postfix, Callable[..., Prometheus]]]:
+    prometheus = Prometheus([f"127.0.0.1:{guard.metrics_port}"], rule_files=[ALERTS])
+    prometheus.start()
+    try:
+        yield guard, postfix, lambda: prometheus
+    finally:
+        prometheus.stop()
 
 
 def commit_violations(guard: Guard) -> None:

@@ -107,8 +107,11 @@ def test_the_message_rate_is_the_fleets(
 ) -> None:
     a, b = fleet(guard_factory, postfix, redis, rates={"messages_per_minute": 2})
     rcpt = f"rate-{uuid.uuid4().hex[:8]}@example.org"
+    messages = "smtpguard:{127.0.9.1}:message"
     send(a, "one@fleet.test", rcpt, "127.0.9.1")
+    wait_for(lambda: redis.cli("ZCARD", messages) == "1", 10)  # pushed within one batch
     send(b, "two@fleet.test", rcpt, "127.0.9.1")
+    wait_for(lambda: redis.cli("ZCARD", messages) == "2", 10)
     for guard in (a, b):
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             send(guard, "three@fleet.test", rcpt, "127.0.9.1")
@@ -128,7 +131,9 @@ def test_the_recipient_rate_is_the_fleets(
     with smtplib.SMTP("127.0.0.1", a.port, timeout=30, source_address=("127.0.14.1", 0)) as smtp:
         smtp.ehlo("fleet.client.test")
         assert smtp.sendmail("one@fleet.test", first, b"Subject: r\r\n\r\nhi\r\n") == {}
-    # B knows the fleet's count from its connect call: one recipient is left.
+    # Once A's counts have reached Redis (pushed within one batch), B knows
+    # them from its connect call: one recipient is left.
+    wait_for(lambda: redis.cli("ZCARD", "smtpguard:{127.0.14.1}:recipient") == "2", 10)
     second = [f"r3-{tag}@example.org", f"r4-{tag}@example.org"]
     with smtplib.SMTP("127.0.0.1", b.port, timeout=30, source_address=("127.0.14.1", 0)) as smtp:
         smtp.ehlo("fleet.client.test")
@@ -192,12 +197,14 @@ def test_the_upstream_cap_is_the_fleets(
         def busy() -> float:
             return sum(g.metric("smtpguard_upstream_busy_total") for g in (a, b))
 
-        before = busy()  # (a readiness probe of the test kit may have waited too)
+        before = busy()
         for guard in (a, b):  # each instance alone would have a free slot
             with client(guard, "127.0.11.3") as late:
                 assert late.read_to_eof().startswith(b"421 4.3.2 ")
         assert established(postfix.port) - baseline == 2
-        assert busy() - before == 2
+        # The two late clients (a readiness probe of the test kit, still in
+        # line on a loaded machine, may be refused busy too).
+        assert busy() - before >= 2
         # A slot freed on B is taken by a client waiting in A's line.
         waiting = client(a, "127.0.11.4")
         holders.append(waiting)
