@@ -61,6 +61,7 @@ from .events import (
     replied,
 )
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .lines import TOO_LONG, LineReader
 from .options import SessionOptions
 from .policy import Action, Defence
 from .queue import Render, ReplyQueue, Slot
@@ -139,11 +140,11 @@ class Session:
         "_client_buf",
         "_client_done",
         "_defences",
-        "_discarding_long_line",
         "_events",
         "_final",
         "_greeted",
         "_judged",
+        "_lines",
         "_parser",
         "_possible",
         "_queue",
@@ -184,7 +185,7 @@ class Session:
         #: the I/O layer greets the next clients with it).
         self.upstream_banner: bytes | None = None
         self._possible = advance(only(self.state), Verb.GREETING)
-        self._discarding_long_line = False
+        self._lines = LineReader(self._client_buf)
         self._body: DataReader | None = None  # the DATA body being read
         self._chunk: bdat.Chunk | None = None  # the BDAT chunk being read
         self._txn = Transaction()
@@ -645,35 +646,18 @@ class Session:
         return True
 
     def _take_line(self, limit: int, sasl: bool) -> tuple[bytes, bool] | None:
-        """The next complete line without its line ending, and whether it ended
-        in a bare LF; None if there is none.
-
-        Over-long lines are answered with 500 and dropped here, so memory
-        stays bounded by ``limit`` whatever the client sends.
-        """
-        buf = self._client_buf
+        """The next complete line (see :class:`.lines.LineReader`); None if
+        there is none.  Over-long lines are answered with 500 and dropped."""
         while True:
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) >= limit or self._discarding_long_line:
-                    buf.clear()
-                    self._discarding_long_line = True
+            taken = self._lines.take(limit)
+            if taken is not TOO_LONG:
+                return taken
+            if sasl:
+                # The upstream waits for a SASL response: cancel the
+                # exchange (RFC 4954 4) and relay its 501.
+                self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
                 return None
-            if end >= limit or self._discarding_long_line:
-                del buf[: end + 1]
-                self._discarding_long_line = False
-                if sasl:
-                    # The upstream waits for a SASL response: cancel the
-                    # exchange (RFC 4954 4) and relay its 501.
-                    self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
-                    return None
-                self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
-                continue
-            line = bytes(buf[:end])
-            del buf[: end + 1]
-            if line.endswith(b"\r"):
-                return line[:-1], False
-            return line, True
+            self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
 
     # -------------------------------------------------------- fast path
     #
@@ -696,7 +680,7 @@ class Session:
             or self._client_done
             or self._tls_pending
             or self._final is not None
-            or self._discarding_long_line
+            or self._lines.discarding
             or self._refusal is not None
         )
 
