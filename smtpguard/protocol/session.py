@@ -142,13 +142,11 @@ class Session:
         "_defences",
         "_events",
         "_final",
-        "_greeted",
-        "_judged",
+        "_deferred",
         "_lines",
         "_parser",
         "_possible",
         "_queue",
-        "_refusal",
         "_reidentify",
         "_tls_pending",
         "_to_client",
@@ -160,7 +158,6 @@ class Session:
         "close_reason",
         "options",
         "state",
-        "upstream_banner",
     )
 
     def __init__(self, options: SessionOptions | None = None) -> None:
@@ -177,13 +174,7 @@ class Session:
         if not first.internal:
             self._queue.owed.append(first)
         self._queue.inflight.append(first)
-        self._greeted = False  # smtpguard's own greeting is out (deferred connect)
-        self._judged = False  # the client's first line was judged (deferred connect)
-        #: The upstream's refusing greeting (554), for the client's first command.
-        self._refusal: bytes | None = None
-        #: The text of the upstream's 2xx greeting, once seen (deferred connect:
-        #: the I/O layer greets the next clients with it).
-        self.upstream_banner: bytes | None = None
+        self._deferred = greeting.Deferred()  # (deferred connect)
         self._possible = advance(only(self.state), Verb.GREETING)
         self._lines = LineReader(self._client_buf)
         self._body: DataReader | None = None  # the DATA body being read
@@ -298,7 +289,7 @@ class Session:
             self._injection("plaintext after STARTTLS, before the TLS handshake")
             return
         if self.state.phase is Phase.GREETING:
-            if self._greeted:
+            if self._deferred.greeted:
                 # Deferred connect: the first command decides whether the
                 # upstream is needed at all.
                 self._client_buf += data
@@ -405,10 +396,10 @@ class Session:
     def greet(self) -> None:
         """Deferred connect: send smtpguard's own greeting now (after any
         greet_wait: bytes before it are early talk)."""
-        assert self.options.local_greeting is not None and not self._greeted
+        assert self.options.local_greeting is not None and not self._deferred.greeted
         if self.closed:
             return
-        self._greeted = True
+        self._deferred.greeted = True
         self._events.append(LocalReply(Verb.GREETING, 220))
         self._push(Slot(Verb.GREETING, Verb.GREETING, self.options.local_greeting))
         self._judge_first_line()
@@ -417,18 +408,19 @@ class Session:
     def wants_upstream(self) -> bool:
         """Deferred connect: the client sent a command the upstream must answer
         (or, with ``non_smtp: observe``, anything that is a whole line)."""
-        if self.closed or not self._greeted or self.state.phase is not Phase.GREETING:
+        if self.closed or not self._deferred.greeted or self.state.phase is not Phase.GREETING:
             return False
-        first = greeting.judge(self._client_buf, self.options.command_line_limit)
-        return first is not greeting.FirstLine.INCOMPLETE and first is not greeting.FirstLine.QUIT
+        return greeting.wants_upstream(self._client_buf, self.options.command_line_limit)
+
+    @property
+    def upstream_banner(self) -> bytes | None:
+        """Deferred connect: the text of the upstream's 2xx greeting, once
+        seen (the I/O layer greets the next clients with it)."""
+        return self._deferred.banner
 
     def _judge_first_line(self) -> None:
-        """Non-SMTP clients and QUIT are settled before any upstream exists
-        (once: later bytes wait in the buffer for the upstream)."""
-        if self._judged:
-            return
-        first = greeting.judge(self._client_buf, self.options.command_line_limit)
-        self._judged = first is not greeting.FirstLine.INCOMPLETE
+        """Non-SMTP clients and QUIT are settled before any upstream exists."""
+        first = self._deferred.judge_once(self._client_buf, self.options.command_line_limit)
         if first is greeting.FirstLine.QUIT:
             self._client_buf.clear()
             self._local(Verb.QUIT, R.BYE)
@@ -437,19 +429,6 @@ class Session:
             self._non_smtp("TLS handshake on a plaintext port")
         elif first is greeting.FirstLine.HTTP:
             self._non_smtp("HTTP request or header line as a command")
-
-    def _upstream_greeted(self, reply: UpstreamReply) -> None:
-        """The upstream's own greeting, after smtpguard's (deferred connect)."""
-        cls = reply.reply_class
-        if cls == 2:
-            self.upstream_banner = reply.lines[0][4:].rstrip(b"\r\n")
-        elif reply.code == 421 or cls == 4:
-            self._to_client += reply.raw  # closing: say why, as the upstream would
-            self.close_reason = _C.UPSTREAM_CLOSED
-        else:
-            # 554 (RFC 5321 3.1): the client's first command gets the refusal;
-            # then only QUIT, as if it had seen the 554 itself.
-            self._refusal = reply.raw
 
     # ---------------------------------------------------------- endings
 
@@ -556,7 +535,9 @@ class Session:
         self._recompute_possible()
         if slot.step is Verb.GREETING:
             self._events.append(replied(Verb.GREETING, reply.code))
-            self._upstream_greeted(reply)
+            if self._deferred.upstream_greeted(reply):
+                self._to_client += reply.raw  # closing: say why, as the upstream would
+                self.close_reason = _C.UPSTREAM_CLOSED
         elif reply.code // 100 != 2:
             # The upstream refused to end its transaction: it and the
             # client no longer agree on the session, so it ends here.
@@ -681,7 +662,7 @@ class Session:
             or self._tls_pending
             or self._final is not None
             or self._lines.discarding
-            or self._refusal is not None
+            or self._deferred.refusal is not None
         )
 
     def _fast_command(self, data: bytes | bytearray) -> bool:
@@ -746,10 +727,10 @@ class Session:
 
     def _decide(self, verb: Verb, line: bytes) -> bool:
         """Answer, forward or reject ``line``; False means hold it for a reply."""
-        if self._refusal is not None and verb is not Verb.QUIT:
-            # The upstream refused the session (554): this first command hears it.
-            refusal, self._refusal = self._refusal, None
-            self._push(Slot(verb, verb, refusal))  # counted as the upstream's greeting
+        if self._deferred.refusal is not None and verb is not Verb.QUIT:
+            # The upstream refused the session (554): this first command hears
+            # it (counted as the upstream's greeting).
+            self._push(Slot(verb, verb, self._deferred.take_refusal()))
             return True
         if verb in LOCAL_ONLY:
             self._local(verb, R.UNKNOWN_COMMAND)
