@@ -41,9 +41,8 @@ from collections.abc import Sequence
 from . import bdat, ehlo, greeting
 from . import policy as P
 from . import replies as R
-from .annotate import header
 from .arguments import ArgumentGuard
-from .body import DataReader
+from .content import END, MORE, BodyReader, ChunkReader, annotation
 from .defences import Defences
 from .events import (
     FORWARDED,
@@ -177,8 +176,8 @@ class Session:
         self._deferred = greeting.Deferred()  # (deferred connect)
         self._possible = advance(only(self.state), Verb.GREETING)
         self._lines = LineReader(self._client_buf)
-        self._body: DataReader | None = None  # the DATA body being read
-        self._chunk: bdat.Chunk | None = None  # the BDAT chunk being read
+        self._body: BodyReader | None = None  # the DATA body being read
+        self._chunk: ChunkReader | None = None  # the BDAT chunk being read
         self._txn = Transaction()
         self._upstream_replies = 0
         self._defences = Defences(opts.policy, self._events)
@@ -508,7 +507,7 @@ class Session:
             self._count_error()
         slot.reply = self._relayed(slot, reply)
         if self.state.phase is Phase.DATA:
-            self._body = DataReader(self.options.policy.smuggling)
+            self._body = BodyReader(self._defences, self._txn)
             # Nothing was sent after DATA (it waits for this 354), so the
             # header goes first in the body.
             self._to_upstream += self._annotation()
@@ -935,7 +934,7 @@ class Session:
             return True
         if expected is not None:
             self._violation(Verb.BDAT, expected, _OBSERVE, local=False)
-        self._chunk = bdat.Chunk(parsed.size, True) if parsed.size else None
+        self._chunk = self._chunk_reader(parsed.size, True)
         annotation = self._annotation()
         if annotation:
             # The header is part of the first chunk: announce its size too.
@@ -950,63 +949,40 @@ class Session:
         """A BDAT answered locally: its chunk is read and dropped, and the
         transaction fails (RFC 3030 2) on the upstream too, with an RSET
         whose reply is consumed."""
-        self._chunk = bdat.Chunk(parsed.size, False) if parsed.size else None
+        self._chunk = self._chunk_reader(parsed.size, False)
         if must_end_transaction(self._possible):
             self._to_upstream += b"RSET\r\n"
             self._queue.expect(Slot(Verb.RSET, Verb.RSET, internal=True))
             self._possible = advance(self._possible, Verb.RSET)
 
-    def _consume_chunk(self, chunk: bdat.Chunk) -> None:
-        buf, txn = self._client_buf, self._txn
-        n = min(chunk.remaining, len(buf))
-        if chunk.forward:
-            piece = bytes(buf[:n])
-            bare, txn.bdat_tail = bdat.bare_breaks(txn.bdat_tail, piece)
-            if bare:
-                new = [] if txn.bdat_bare else ["bare_lf_or_cr"]
-                txn.bdat_bare = True
-                if self._defences.smuggling(new):
-                    self._fail(P.BARE_NEWLINE, _C.POLICY)
-                    return
-            if self.options.policy.reject_eight_bit and self._eight_bit_refused(piece):
-                return
-            self._to_upstream += piece
-            txn.content_bytes += n
-            if not self._size_ok():
-                return
-        del buf[:n]
-        chunk.remaining -= n
-        if not chunk.remaining:
+    def _chunk_reader(self, size: int, forward: bool) -> ChunkReader | None:
+        """The reader of a chunk of ``size`` bytes (None: an empty chunk)."""
+        return ChunkReader(size, forward, self._defences, self._txn) if size else None
+
+    def _consume_chunk(self, chunk: ChunkReader) -> None:
+        out, verdict = chunk.read(self._client_buf, self._caps.upstream)
+        if isinstance(verdict, R.Reply):
+            self._fail(verdict, _C.POLICY)
+            return
+        self._to_upstream += out
+        if verdict is END:
             self._chunk = None
-            if txn.last_chunk is not None:
-                # The message is complete: its size goes with the reply it awaits.
-                txn.last_chunk.size, txn.content_bytes = txn.content_bytes, 0
-                txn.last_chunk = None
 
     # ------------------------------------------------------------- DATA
 
     def _consume_body(self) -> bool:
         """Stream DATA body bytes; True once the final dot has been passed on."""
-        buf, reader, txn = self._client_buf, self._body, self._txn
-        assert reader is not None
-        out, used, ended = reader.filter.feed(buf)
-        if len(reader.filter.findings) > len(reader.reported) and self._defences.smuggling(
-            reader.new_findings()
-        ):
-            self._fail(P.BARE_NEWLINE, _C.POLICY)
-            return False
-        if self.options.policy.max_text_line_bytes and not self._lines_ok(reader, out):
-            return False
-        if self.options.policy.reject_eight_bit and self._eight_bit_refused(out):
+        assert self._body is not None
+        out, verdict = self._body.read(self._client_buf, self._caps.upstream)
+        if isinstance(verdict, R.Reply):
+            self._fail(verdict, _C.POLICY)
             return False
         self._to_upstream += out
-        txn.content_bytes += used
-        del buf[:used]
-        if not self._size_ok() or not ended:
+        if verdict is MORE:
             return False
         self._body = None
         self._events.append(FORWARDED[Verb.DATA_END])
-        slot = Slot(Verb.DATA, Verb.DATA_END)
+        slot, txn = Slot(Verb.DATA, Verb.DATA_END), self._txn
         # The next MAIL may follow before the reply (RFC 2920 4): the size
         # goes with the slot, not with the session.
         slot.size, txn.content_bytes = txn.content_bytes, 0
@@ -1015,45 +991,9 @@ class Session:
         self._recompute_possible()
         return True
 
-    def _lines_ok(self, reader: DataReader, out: bytes) -> bool:
-        """Text line length in DATA (only when configured: it costs a split per chunk)."""
-        longest = reader.longest_line(out)
-        if longest <= self.options.policy.max_text_line_bytes or reader.line_reported:
-            return True
-        reader.line_reported = True
-        if self._defences.text_line_too_long():
-            self._fail(P.TEXT_LINE_TOO_LONG, _C.POLICY)
-            return False
-        return True
-
-    def _eight_bit_refused(self, content: bytes | bytearray) -> bool:
-        """``body.eight_bit: reject``: 8-bit content for an upstream that did
-        not advertise 8BITMIME ends the session with 554 5.6.1 before the
-        end of the message reaches it (nothing is delivered)."""
-        if content.isascii() or b"8BITMIME" in self._caps.upstream:
-            return False
-        self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "8-bit content"))
-        self._fail(P.EIGHT_BIT_REFUSED, _C.POLICY)
-        return True
-
-    def _size_ok(self) -> bool:
-        limit, txn = self.options.policy.max_message_bytes, self._txn
-        if limit and txn.content_bytes > limit and not txn.size_reported:
-            txn.size_reported = True  # observe mode: report once per message
-            if self._defences.message_too_big():
-                self._fail(P.MESSAGE_TOO_BIG, _C.POLICY)
-                return False
-        return True
-
     def _annotation(self) -> bytes:
         """The header to prepend to this transaction's message, once (or b"")."""
-        txn, opts = self._txn, self.options
-        if txn.annotated:
-            return b""
-        d = self._defences
-        text = header(opts.annotate, opts.annotate_header, opts.hostname, d.violations, d.kinds)
-        txn.annotated = bool(text)
-        return text
+        return annotation(self._txn, self.options, self._defences)
 
     # -------------------------------------------------------- defences
 
