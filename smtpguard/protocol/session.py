@@ -18,9 +18,12 @@ tested alone:
   command held for a reply in flight;
 - :mod:`.transaction`: one message's state, replaced at each MAIL;
 - :mod:`.ehlo`: the client's EHLO reply from the upstream's;
-- :mod:`.body` and :mod:`.bdat`: the DATA body and BDAT chunk readers;
+- :mod:`.lines`: command and SASL lines from the client's bytes;
+- :mod:`.content`: the DATA body and BDAT chunk readers, side by side (on
+  :mod:`.body` and :mod:`.bdat`);
 - :mod:`.defences`: the policy's decisions and the session's counters;
-- :mod:`.greeting`: the first line of a deferred-connect client.
+- :mod:`.greeting`: deferred connect: the client's first line, the upstream's
+  greeting.
 
 The state moves only on the upstream's replies.  To decide a new command
 while replies are still in flight, the session computes every state those
