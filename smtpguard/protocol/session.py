@@ -18,9 +18,12 @@ tested alone:
   command held for a reply in flight;
 - :mod:`.transaction`: one message's state, replaced at each MAIL;
 - :mod:`.ehlo`: the client's EHLO reply from the upstream's;
-- :mod:`.body` and :mod:`.bdat`: the DATA body and BDAT chunk readers;
+- :mod:`.lines`: command and SASL lines from the client's bytes;
+- :mod:`.content`: the DATA body and BDAT chunk readers, side by side (on
+  :mod:`.body` and :mod:`.bdat`);
 - :mod:`.defences`: the policy's decisions and the session's counters;
-- :mod:`.greeting`: the first line of a deferred-connect client.
+- :mod:`.greeting`: deferred connect: the client's first line, the upstream's
+  greeting.
 
 The state moves only on the upstream's replies.  To decide a new command
 while replies are still in flight, the session computes every state those
@@ -41,9 +44,8 @@ from collections.abc import Sequence
 from . import bdat, ehlo, greeting
 from . import policy as P
 from . import replies as R
-from .annotate import header
 from .arguments import ArgumentGuard
-from .body import DataReader
+from .content import END, MORE, BodyReader, ChunkReader, annotation
 from .defences import Defences
 from .events import (
     FORWARDED,
@@ -61,6 +63,7 @@ from .events import (
     replied,
 )
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .lines import TOO_LONG, LineReader
 from .options import SessionOptions
 from .policy import Action, Defence
 from .queue import Render, ReplyQueue, Slot
@@ -139,15 +142,13 @@ class Session:
         "_client_buf",
         "_client_done",
         "_defences",
-        "_discarding_long_line",
         "_events",
         "_final",
-        "_greeted",
-        "_judged",
+        "_deferred",
+        "_lines",
         "_parser",
         "_possible",
         "_queue",
-        "_refusal",
         "_reidentify",
         "_tls_pending",
         "_to_client",
@@ -159,7 +160,6 @@ class Session:
         "close_reason",
         "options",
         "state",
-        "upstream_banner",
     )
 
     def __init__(self, options: SessionOptions | None = None) -> None:
@@ -176,17 +176,11 @@ class Session:
         if not first.internal:
             self._queue.owed.append(first)
         self._queue.inflight.append(first)
-        self._greeted = False  # smtpguard's own greeting is out (deferred connect)
-        self._judged = False  # the client's first line was judged (deferred connect)
-        #: The upstream's refusing greeting (554), for the client's first command.
-        self._refusal: bytes | None = None
-        #: The text of the upstream's 2xx greeting, once seen (deferred connect:
-        #: the I/O layer greets the next clients with it).
-        self.upstream_banner: bytes | None = None
+        self._deferred = greeting.Deferred()  # (deferred connect)
         self._possible = advance(only(self.state), Verb.GREETING)
-        self._discarding_long_line = False
-        self._body: DataReader | None = None  # the DATA body being read
-        self._chunk: bdat.Chunk | None = None  # the BDAT chunk being read
+        self._lines = LineReader(self._client_buf)
+        self._body: BodyReader | None = None  # the DATA body being read
+        self._chunk: ChunkReader | None = None  # the BDAT chunk being read
         self._txn = Transaction()
         self._upstream_replies = 0
         self._defences = Defences(opts.policy, self._events)
@@ -297,7 +291,7 @@ class Session:
             self._injection("plaintext after STARTTLS, before the TLS handshake")
             return
         if self.state.phase is Phase.GREETING:
-            if self._greeted:
+            if self._deferred.greeted:
                 # Deferred connect: the first command decides whether the
                 # upstream is needed at all.
                 self._client_buf += data
@@ -404,10 +398,10 @@ class Session:
     def greet(self) -> None:
         """Deferred connect: send smtpguard's own greeting now (after any
         greet_wait: bytes before it are early talk)."""
-        assert self.options.local_greeting is not None and not self._greeted
+        assert self.options.local_greeting is not None and not self._deferred.greeted
         if self.closed:
             return
-        self._greeted = True
+        self._deferred.greeted = True
         self._events.append(LocalReply(Verb.GREETING, 220))
         self._push(Slot(Verb.GREETING, Verb.GREETING, self.options.local_greeting))
         self._judge_first_line()
@@ -416,18 +410,19 @@ class Session:
     def wants_upstream(self) -> bool:
         """Deferred connect: the client sent a command the upstream must answer
         (or, with ``non_smtp: observe``, anything that is a whole line)."""
-        if self.closed or not self._greeted or self.state.phase is not Phase.GREETING:
+        if self.closed or not self._deferred.greeted or self.state.phase is not Phase.GREETING:
             return False
-        first = greeting.judge(self._client_buf, self.options.command_line_limit)
-        return first is not greeting.FirstLine.INCOMPLETE and first is not greeting.FirstLine.QUIT
+        return greeting.wants_upstream(self._client_buf, self.options.command_line_limit)
+
+    @property
+    def upstream_banner(self) -> bytes | None:
+        """Deferred connect: the text of the upstream's 2xx greeting, once
+        seen (the I/O layer greets the next clients with it)."""
+        return self._deferred.banner
 
     def _judge_first_line(self) -> None:
-        """Non-SMTP clients and QUIT are settled before any upstream exists
-        (once: later bytes wait in the buffer for the upstream)."""
-        if self._judged:
-            return
-        first = greeting.judge(self._client_buf, self.options.command_line_limit)
-        self._judged = first is not greeting.FirstLine.INCOMPLETE
+        """Non-SMTP clients and QUIT are settled before any upstream exists."""
+        first = self._deferred.judge_once(self._client_buf, self.options.command_line_limit)
         if first is greeting.FirstLine.QUIT:
             self._client_buf.clear()
             self._local(Verb.QUIT, R.BYE)
@@ -436,19 +431,6 @@ class Session:
             self._non_smtp("TLS handshake on a plaintext port")
         elif first is greeting.FirstLine.HTTP:
             self._non_smtp("HTTP request or header line as a command")
-
-    def _upstream_greeted(self, reply: UpstreamReply) -> None:
-        """The upstream's own greeting, after smtpguard's (deferred connect)."""
-        cls = reply.reply_class
-        if cls == 2:
-            self.upstream_banner = reply.lines[0][4:].rstrip(b"\r\n")
-        elif reply.code == 421 or cls == 4:
-            self._to_client += reply.raw  # closing: say why, as the upstream would
-            self.close_reason = _C.UPSTREAM_CLOSED
-        else:
-            # 554 (RFC 5321 3.1): the client's first command gets the refusal;
-            # then only QUIT, as if it had seen the 554 itself.
-            self._refusal = reply.raw
 
     # ---------------------------------------------------------- endings
 
@@ -528,7 +510,7 @@ class Session:
             self._count_error()
         slot.reply = self._relayed(slot, reply)
         if self.state.phase is Phase.DATA:
-            self._body = DataReader(self.options.policy.smuggling)
+            self._body = BodyReader(self._defences, self._txn)
             # Nothing was sent after DATA (it waits for this 354), so the
             # header goes first in the body.
             self._to_upstream += self._annotation()
@@ -555,7 +537,9 @@ class Session:
         self._recompute_possible()
         if slot.step is Verb.GREETING:
             self._events.append(replied(Verb.GREETING, reply.code))
-            self._upstream_greeted(reply)
+            if self._deferred.upstream_greeted(reply):
+                self._to_client += reply.raw  # closing: say why, as the upstream would
+                self.close_reason = _C.UPSTREAM_CLOSED
         elif reply.code // 100 != 2:
             # The upstream refused to end its transaction: it and the
             # client no longer agree on the session, so it ends here.
@@ -645,35 +629,18 @@ class Session:
         return True
 
     def _take_line(self, limit: int, sasl: bool) -> tuple[bytes, bool] | None:
-        """The next complete line without its line ending, and whether it ended
-        in a bare LF; None if there is none.
-
-        Over-long lines are answered with 500 and dropped here, so memory
-        stays bounded by ``limit`` whatever the client sends.
-        """
-        buf = self._client_buf
+        """The next complete line (see :class:`.lines.LineReader`); None if
+        there is none.  Over-long lines are answered with 500 and dropped."""
         while True:
-            end = buf.find(b"\n")
-            if end < 0:
-                if len(buf) >= limit or self._discarding_long_line:
-                    buf.clear()
-                    self._discarding_long_line = True
+            taken = self._lines.take(limit)
+            if taken is not TOO_LONG:
+                return taken
+            if sasl:
+                # The upstream waits for a SASL response: cancel the
+                # exchange (RFC 4954 4) and relay its 501.
+                self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
                 return None
-            if end >= limit or self._discarding_long_line:
-                del buf[: end + 1]
-                self._discarding_long_line = False
-                if sasl:
-                    # The upstream waits for a SASL response: cancel the
-                    # exchange (RFC 4954 4) and relay its 501.
-                    self._forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
-                    return None
-                self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
-                continue
-            line = bytes(buf[:end])
-            del buf[: end + 1]
-            if line.endswith(b"\r"):
-                return line[:-1], False
-            return line, True
+            self._local(Verb.UNKNOWN, R.LINE_TOO_LONG)
 
     # -------------------------------------------------------- fast path
     #
@@ -696,8 +663,8 @@ class Session:
             or self._client_done
             or self._tls_pending
             or self._final is not None
-            or self._discarding_long_line
-            or self._refusal is not None
+            or self._lines.discarding
+            or self._deferred.refusal is not None
         )
 
     def _fast_command(self, data: bytes | bytearray) -> bool:
@@ -762,10 +729,10 @@ class Session:
 
     def _decide(self, verb: Verb, line: bytes) -> bool:
         """Answer, forward or reject ``line``; False means hold it for a reply."""
-        if self._refusal is not None and verb is not Verb.QUIT:
-            # The upstream refused the session (554): this first command hears it.
-            refusal, self._refusal = self._refusal, None
-            self._push(Slot(verb, verb, refusal))  # counted as the upstream's greeting
+        if self._deferred.refusal is not None and verb is not Verb.QUIT:
+            # The upstream refused the session (554): this first command hears
+            # it (counted as the upstream's greeting).
+            self._push(Slot(verb, verb, self._deferred.take_refusal()))
             return True
         if verb in LOCAL_ONLY:
             self._local(verb, R.UNKNOWN_COMMAND)
@@ -970,7 +937,7 @@ class Session:
             return True
         if expected is not None:
             self._violation(Verb.BDAT, expected, _OBSERVE, local=False)
-        self._chunk = bdat.Chunk(parsed.size, True) if parsed.size else None
+        self._chunk = self._chunk_reader(parsed.size, True)
         annotation = self._annotation()
         if annotation:
             # The header is part of the first chunk: announce its size too.
@@ -985,63 +952,40 @@ class Session:
         """A BDAT answered locally: its chunk is read and dropped, and the
         transaction fails (RFC 3030 2) on the upstream too, with an RSET
         whose reply is consumed."""
-        self._chunk = bdat.Chunk(parsed.size, False) if parsed.size else None
+        self._chunk = self._chunk_reader(parsed.size, False)
         if must_end_transaction(self._possible):
             self._to_upstream += b"RSET\r\n"
             self._queue.expect(Slot(Verb.RSET, Verb.RSET, internal=True))
             self._possible = advance(self._possible, Verb.RSET)
 
-    def _consume_chunk(self, chunk: bdat.Chunk) -> None:
-        buf, txn = self._client_buf, self._txn
-        n = min(chunk.remaining, len(buf))
-        if chunk.forward:
-            piece = bytes(buf[:n])
-            bare, txn.bdat_tail = bdat.bare_breaks(txn.bdat_tail, piece)
-            if bare:
-                new = [] if txn.bdat_bare else ["bare_lf_or_cr"]
-                txn.bdat_bare = True
-                if self._defences.smuggling(new):
-                    self._fail(P.BARE_NEWLINE, _C.POLICY)
-                    return
-            if self.options.policy.reject_eight_bit and self._eight_bit_refused(piece):
-                return
-            self._to_upstream += piece
-            txn.content_bytes += n
-            if not self._size_ok():
-                return
-        del buf[:n]
-        chunk.remaining -= n
-        if not chunk.remaining:
+    def _chunk_reader(self, size: int, forward: bool) -> ChunkReader | None:
+        """The reader of a chunk of ``size`` bytes (None: an empty chunk)."""
+        return ChunkReader(size, forward, self._defences, self._txn) if size else None
+
+    def _consume_chunk(self, chunk: ChunkReader) -> None:
+        out, verdict = chunk.read(self._client_buf, self._caps.upstream)
+        if isinstance(verdict, R.Reply):
+            self._fail(verdict, _C.POLICY)
+            return
+        self._to_upstream += out
+        if verdict is END:
             self._chunk = None
-            if txn.last_chunk is not None:
-                # The message is complete: its size goes with the reply it awaits.
-                txn.last_chunk.size, txn.content_bytes = txn.content_bytes, 0
-                txn.last_chunk = None
 
     # ------------------------------------------------------------- DATA
 
     def _consume_body(self) -> bool:
         """Stream DATA body bytes; True once the final dot has been passed on."""
-        buf, reader, txn = self._client_buf, self._body, self._txn
-        assert reader is not None
-        out, used, ended = reader.filter.feed(buf)
-        if len(reader.filter.findings) > len(reader.reported) and self._defences.smuggling(
-            reader.new_findings()
-        ):
-            self._fail(P.BARE_NEWLINE, _C.POLICY)
-            return False
-        if self.options.policy.max_text_line_bytes and not self._lines_ok(reader, out):
-            return False
-        if self.options.policy.reject_eight_bit and self._eight_bit_refused(out):
+        assert self._body is not None
+        out, verdict = self._body.read(self._client_buf, self._caps.upstream)
+        if isinstance(verdict, R.Reply):
+            self._fail(verdict, _C.POLICY)
             return False
         self._to_upstream += out
-        txn.content_bytes += used
-        del buf[:used]
-        if not self._size_ok() or not ended:
+        if verdict is MORE:
             return False
         self._body = None
         self._events.append(FORWARDED[Verb.DATA_END])
-        slot = Slot(Verb.DATA, Verb.DATA_END)
+        slot, txn = Slot(Verb.DATA, Verb.DATA_END), self._txn
         # The next MAIL may follow before the reply (RFC 2920 4): the size
         # goes with the slot, not with the session.
         slot.size, txn.content_bytes = txn.content_bytes, 0
@@ -1050,45 +994,9 @@ class Session:
         self._recompute_possible()
         return True
 
-    def _lines_ok(self, reader: DataReader, out: bytes) -> bool:
-        """Text line length in DATA (only when configured: it costs a split per chunk)."""
-        longest = reader.longest_line(out)
-        if longest <= self.options.policy.max_text_line_bytes or reader.line_reported:
-            return True
-        reader.line_reported = True
-        if self._defences.text_line_too_long():
-            self._fail(P.TEXT_LINE_TOO_LONG, _C.POLICY)
-            return False
-        return True
-
-    def _eight_bit_refused(self, content: bytes | bytearray) -> bool:
-        """``body.eight_bit: reject``: 8-bit content for an upstream that did
-        not advertise 8BITMIME ends the session with 554 5.6.1 before the
-        end of the message reaches it (nothing is delivered)."""
-        if content.isascii() or b"8BITMIME" in self._caps.upstream:
-            return False
-        self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "8-bit content"))
-        self._fail(P.EIGHT_BIT_REFUSED, _C.POLICY)
-        return True
-
-    def _size_ok(self) -> bool:
-        limit, txn = self.options.policy.max_message_bytes, self._txn
-        if limit and txn.content_bytes > limit and not txn.size_reported:
-            txn.size_reported = True  # observe mode: report once per message
-            if self._defences.message_too_big():
-                self._fail(P.MESSAGE_TOO_BIG, _C.POLICY)
-                return False
-        return True
-
     def _annotation(self) -> bytes:
         """The header to prepend to this transaction's message, once (or b"")."""
-        txn, opts = self._txn, self.options
-        if txn.annotated:
-            return b""
-        d = self._defences
-        text = header(opts.annotate, opts.annotate_header, opts.hostname, d.violations, d.kinds)
-        txn.annotated = bool(text)
-        return text
+        return annotation(self._txn, self.options, self._defences)
 
     # -------------------------------------------------------- defences
 

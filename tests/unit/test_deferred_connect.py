@@ -4,7 +4,8 @@ consumed (or, refusing, answers the client's first command)."""
 
 from __future__ import annotations
 
-from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol import Session, SessionOptions, greeting
+from smtpguard.protocol.framing import ReplyParser, UpstreamReply
 from smtpguard.protocol.policy import Policy
 from smtpguard.protocol.rules import Phase
 
@@ -140,3 +141,38 @@ def test_a_client_half_closing_after_its_commands_still_gets_answers() -> None:
     answers = s.take_client_bytes()
     assert answers.startswith(b"250-up\r\n") and answers.endswith(b"\r\n221 bye\r\n")
     assert s.closed and s.close_reason == "quit"
+
+
+# ------------------------------------------------- the part alone
+
+
+def _reply(raw: bytes) -> UpstreamReply:
+    (reply,) = ReplyParser().feed(raw)
+    return reply
+
+
+def test_deferred_judges_the_first_line_once() -> None:
+    d = greeting.Deferred()
+    assert d.judge_once(b"EHL", 512) is None  # incomplete: not judged yet
+    assert not d.judged
+    assert d.judge_once(b"QUIT\r\n", 512) is greeting.FirstLine.QUIT
+    assert d.judge_once(b"GET / HTTP/1.0\r\n", 512) is None  # once only
+
+
+def test_deferred_upstream_greetings() -> None:
+    d = greeting.Deferred()
+    assert not d.upstream_greeted(_reply(b"220 mx.example ESMTP\r\n"))
+    assert d.banner == b"mx.example ESMTP" and d.refusal is None
+    assert greeting.Deferred().upstream_greeted(_reply(b"421 busy\r\n"))
+    assert greeting.Deferred().upstream_greeted(_reply(b"450 later\r\n"))
+    refused = greeting.Deferred()
+    assert not refused.upstream_greeted(_reply(b"554 go away\r\n"))
+    assert refused.take_refusal() == b"554 go away\r\n"
+    assert refused.take_refusal() is None  # one command hears it
+
+
+def test_wants_upstream_for_commands_only() -> None:
+    assert greeting.wants_upstream(b"EHLO x\r\n", 512)
+    assert not greeting.wants_upstream(b"EHLO x", 512)
+    assert not greeting.wants_upstream(b"QUIT\r\n", 512)
+    assert greeting.wants_upstream(b"x" * 512, 512)  # too long for a command: answered 500
