@@ -550,6 +550,9 @@ limits:
   max_connections_per_client: 100000
 {workers}{store}"""
 
+#: --config: appended to smtpguard's config.
+EXTRA_CFG = ""
+
 #: With --redis: the shared store, and limits high enough never to refuse a
 #: bench client but present, so that every check of the store runs (the
 #: connect script, an upstream slot, message and recipient counts).
@@ -626,6 +629,7 @@ def start_all(children: Children, tmp: Path, idle: int, redis_port: int | None =
             workers="" if WORKERS is None else f"workers: {WORKERS}\n",
             store="" if redis_port is None else STORE_CFG.format(host=HOST, redis_port=redis_port),
         )
+        + EXTRA_CFG
     )
     guard = children.start(
         "smtpguard",
@@ -1026,7 +1030,7 @@ def bench(args: argparse.Namespace, children: Children, tmp: Path) -> int:
         f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{tool_version(['haproxy', '-v'])}\n\n"
         f"smtpguard workers: {WORKERS if WORKERS is not None else 'default (one per core)'}; "
-        f"shared store: {store_text}; "
+        f"shared store: {store_text}; extra config: {args.config or 'none'}; "
         f"its CPU and memory are summed over its processes (supervisor and workers).\n\n"
     )
     table = markdown(results, extra)
@@ -1085,6 +1089,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also run bench/trio_relay.py (a trio relay that parses nothing) in every pair",
     )
     parser.add_argument(
+        "--config",
+        metavar="YAML",
+        default="",
+        help="more smtpguard config, e.g. 'policy: {syntax: observe}' (top-level keys "
+        "other than listen, upstream, metrics, limits, workers, store)",
+    )
+    parser.add_argument(
         "--redis",
         action="store_true",
         help="give smtpguard a shared store (a private redis-server) and limits that use it",
@@ -1097,8 +1108,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
-    global WORKERS
+    global WORKERS, EXTRA_CFG
     WORKERS = args.workers
+    EXTRA_CFG = args.config + "\n" if args.config else ""
     if args.idle is None:
         args.idle = 500 if args.quick else 10000
     if not 1 <= args.repeats <= 50:
