@@ -470,8 +470,9 @@ class RedisStore:
         """One more ``kind`` ("message", "recipient") admitted for ``key``
         here: pushed with the next batch."""
         slot = (kind, key)
+        if not self._pending:
+            self._wake.set()  # the first count of a batch wakes the background task
         self._pending[slot] = self._pending.get(slot, 0) + 1
-        self._wake.set()
 
     def _fleet(self, kind: str, key: str, total: int) -> None:
         """The fleet's count of ``kind`` for ``key``, as just read."""
