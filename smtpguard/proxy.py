@@ -583,9 +583,8 @@ class Proxy:
                 ),
             )
             session.upstream_refused()
-            self.metrics.observe(session.take_events())
-            with trio.move_on_after(10):
-                await visit.client.stream.send_all(session.take_client_bytes())
+            # The client may be gone already: send_last swallows that.
+            await answer_and_close(visit.client, session, self.metrics)
             return None
         try:
             with trio.fail_after(config.timeouts.greeting_seconds):

@@ -208,6 +208,24 @@ async def test_upstream_unreachable_gives_421_and_is_counted() -> None:
     assert value(registry, "smtpguard_sessions_open") == 0
 
 
+async def test_upstream_unreachable_for_a_client_already_gone_is_no_internal_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    registry = CollectorRegistry()
+
+    async def refuse() -> trio.abc.Stream:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    proxy = make_proxy(registry, refuse)
+    client, proxy_side = trio.testing.memory_stream_pair()
+    await client.aclose()  # gone before the 421 can be written
+    with caplog.at_level(logging.INFO, logger="smtpguard"):
+        await proxy.handle(proxy_side)
+    assert "internal error" not in caplog.text
+    assert value(registry, "smtpguard_sessions_closed_total", reason="upstream_refused") == 1
+    assert value(registry, "smtpguard_sessions_open") == 0
+
+
 async def test_upstream_closing_mid_session_gives_421() -> None:
     async with trio.open_nursery() as nursery:
         h = await open_session(nursery)
