@@ -73,6 +73,8 @@ SLOT_POLL_SECONDS = 0.05
 IDLE_SECONDS = 1.0
 #: Message and recipient counts are pushed at most this often (releases at once).
 SYNC_SECONDS = 0.1
+#: Releases kept at most (a long outage: the oldest leases end on their own).
+MAX_RELEASES = 100_000
 #: Releases alone wait this long for a session's call to share its round trip.
 RELEASE_COALESCE_SECONDS = 0.005
 #: While idle, the store is pinged this often (so that ``store_up`` is true).
@@ -194,15 +196,27 @@ class ConnectVerdict:
 class _Request:
     """A session's script call, waiting in the queue for its batch."""
 
-    __slots__ = ("script", "keys", "args", "done", "answer", "failure")
+    __slots__ = ("script", "keys", "args", "claim", "done", "answer", "failure", "abandoned")
 
-    def __init__(self, script: Script[bytes], keys: list[str], args: list[str | int]) -> None:
+    def __init__(
+        self,
+        script: Script[bytes],
+        keys: list[str],
+        args: list[str | int],
+        claim: tuple[str, str] | None,
+    ) -> None:
         self.script = script
         self.keys = keys
         self.args = args
+        #: The member (sorted set, name) the script may add for this session:
+        #: released again if nobody takes it (its session stopped waiting).
+        self.claim = claim
         self.done = trio.Event()
         self.answer: Any = None
         self.failure: BaseException | None = None
+        #: The session stopped waiting (timeout, cancellation): the answer is
+        #: nobody's, and what it granted must be given back.
+        self.abandoned = False
 
 
 class RedisStore:
@@ -241,6 +255,7 @@ class RedisStore:
         #: The other processes' counts as last read: (kind, key) -> (count, when).
         self._others: dict[tuple[str, str], tuple[int, float]] = {}
         self._wake = trio.Event()
+        self._renew_due = False
         self._synced = trio.Event()
         #: Sessions' script calls waiting for the next pipeline.
         self._queue: list[_Request] = []
@@ -296,6 +311,8 @@ class RedisStore:
     def _recovered(self) -> None:
         if not self._up:
             log.warning("store up", extra=fields())
+            if self._release:
+                self._queued.set()  # the releases of the outage
         self._up = True
         self._metrics.store_up.labels("redis").set(1)
 
@@ -323,26 +340,52 @@ class RedisStore:
         return None
 
     async def _script(
-        self, op: Op, script: Script[bytes], keys: list[str], args: list[str | int]
+        self,
+        op: Op,
+        script: Script[bytes],
+        keys: list[str],
+        args: list[str | int],
+        claim: tuple[str, str] | None = None,
     ) -> Any:
         """One script call for a session, sent in one pipeline with the others
         queued meanwhile (a burst of connections costs one round trip, not one
         each); within the timeout.  None: it failed (the store is marked down)."""
         if not self.up:
             return None
-        request = _Request(script, keys, args)
+        request = _Request(script, keys, args, claim)
         self._queue.append(request)
         self._queued.set()
         started = trio.current_time()
-        with trio.move_on_after(self.settings.timeout_seconds):
-            await request.done.wait()
-        if not request.done.is_set() or request.failure is not None:
+        taken = False
+        try:
+            with trio.move_on_after(self.settings.timeout_seconds):
+                await request.done.wait()
+            taken = request.done.is_set()
+        finally:
+            if not taken:
+                self._abandon(request)
+        if request.failure is not None or not taken:
             self._failed(op, request.failure)
             return None
         self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
         if started >= self._down_until:
             self._recovered()
         return request.answer
+
+    def _abandon(self, request: _Request) -> None:
+        """Its session stopped waiting: a request not sent yet is dropped; one
+        in flight gives back, once answered, the member it may have added."""
+        request.abandoned = True
+        if request in self._queue:
+            self._queue.remove(request)
+        elif request.claim is not None and request.done.is_set():
+            self._give_back(request.claim)  # answered after all: nobody owns it
+
+    def _give_back(self, claim: tuple[str, str]) -> None:
+        """Release ``claim`` at the next batch (ZREM: harmless if it is not there)."""
+        if len(self._release) < MAX_RELEASES:
+            self._release.append(claim)
+        self._queued.set()
 
     async def _send_batches(self) -> None:
         """Send the queued script calls and the releases, each batch in one
@@ -358,10 +401,14 @@ class RedisStore:
                 self._queued = trio.Event()
             batch, self._queue = self._queue, []
             release, self._release = self._release, []
-            if batch or release:
+            # Leases are renewed in the same ordered stream as the releases:
+            # a member is either live (renewed) or released, never both.
+            renew = list(self._live) if self._renew_due else []
+            self._renew_due = False
+            if batch or release or renew:
                 # New counts go along (a session's end pushes its own).
                 counts, self._pending = self._pending, {}
-                await self._send(batch, release, counts)
+                await self._send(batch, release, counts, renew)
             if release:
                 self._synced.set()
                 self._synced = trio.Event()
@@ -371,16 +418,22 @@ class RedisStore:
         batch: list[_Request],
         release: list[tuple[str, str]],
         counts: dict[tuple[str, str], int],
+        renew: list[tuple[str, str]] = [],  # noqa: B006 - never mutated
     ) -> None:
+        lease_ms = int(LEASE_SECONDS * 1000)
+
         async def send() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
+                # Releases first: a slot freed is there for the calls after it.
+                for set_key, name in release:
+                    pipe.zrem(set_key, [name])
+                for set_key, name in renew:
+                    pipe.eval(_RENEW, keys=[set_key], args=[name, lease_ms])
                 pending = [_eval(r.script, r.keys, r.args, pipe) for r in batch]
                 pending += [
                     _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
                     for (kind, key), n in counts.items()
                 ]
-                for set_key, name in release:
-                    pipe.zrem(set_key, [name])
             return [await answer for answer in pending]
 
         failure: BaseException | None = None
@@ -395,13 +448,21 @@ class RedisStore:
                 failure = exc
         if scope.cancelled_caught and failure is None:
             failure = TimeoutError("store batch timed out")
-        if failure is not None and not batch:
-            self._failed(Op.SYNC, failure)  # releases alone: their leases end them
+        if failure is not None:
+            # Sent again once the store is back (ZREM is idempotent); a claim
+            # the failed batch may have granted goes too.
+            for claim in release + [r.claim for r in batch if r.claim is not None]:
+                if len(self._release) < MAX_RELEASES:
+                    self._release.append(claim)
+            if not batch:
+                self._failed(Op.SYNC, failure)
         for index, request in enumerate(batch):
             if failure is None:
                 request.answer = answers[index]
             request.failure = failure
             request.done.set()
+            if request.abandoned and request.claim is not None and failure is None:
+                self._give_back(request.claim)
         if failure is None:
             for (kind, key), total in zip(counts, answers[len(batch) :], strict=True):
                 self._fleet(kind, key, int(total))
@@ -422,7 +483,8 @@ class RedisStore:
         names = ("penalty", "connections", "sessions", "message", "recipient")
         keys = [self._key(k, key) for k in names]
         args: list[str | int] = [rate, most, member, int(LEASE_SECONDS * 1000), int(observe)]
-        answer = await self._script(Op.CONNECT, self._connect, keys, args)
+        claim = (keys[2], member) if most else None
+        answer = await self._script(Op.CONNECT, self._connect, keys, args, claim)
         if answer is None:
             return None
         verdict = int(answer[0])
@@ -441,8 +503,9 @@ class RedisStore:
     def _forget(self, set_key: str, name: str) -> None:
         if (set_key, name) in self._live:
             self._live.discard((set_key, name))
+            if len(self._release) < MAX_RELEASES:
+                self._release.append((set_key, name))  # kept while the store is down
             if self.up:
-                self._release.append((set_key, name))
                 self._queued.set()
 
     # -- upstream slots ------------------------------------------------------
@@ -453,7 +516,7 @@ class RedisStore:
         member = self._member()
         key = self._key("slots", upstream)
         args: list[str | int] = [max_sessions, member, int(LEASE_SECONDS * 1000)]
-        answer = await self._script(Op.UPSTREAM_SLOT, self._slot, [key], args)
+        answer = await self._script(Op.UPSTREAM_SLOT, self._slot, [key], args, (key, member))
         if answer is None:
             return None
         if not answer:
@@ -539,19 +602,19 @@ class RedisStore:
             self._wake = trio.Event()
             if not self._up:
                 self._pending.clear()  # counts of an outage stay local (fail open)
-                self._release.clear()  # their leases end them
                 await self._probe()
                 continue
             now = trio.current_time()
             if self._pending and now - synced < SYNC_SECONDS:
                 await trio.sleep_until(synced + SYNC_SECONDS)  # counts wait for the batch
                 now = trio.current_time()
-            renew = now - renewed >= LEASE_SECONDS / 3
-            if renew:
-                renewed = now
-            if self._pending or renew:
+            if now - renewed >= LEASE_SECONDS / 3:
+                renewed = contacted = now
+                self._renew_due = True
+                self._queued.set()  # the batcher renews, in order with releases
+            if self._pending:
                 synced = contacted = now
-                await self._sync(renew)
+                await self._sync()
             elif now - contacted >= PING_SECONDS:
                 # Idle: make sure smtpguard_store_up still tells the truth.
                 contacted = now
@@ -562,10 +625,8 @@ class RedisStore:
             await trio.sleep_until(self._down_until)
         await self._call(Op.PING, self._client.ping)  # brings it back if it answers
 
-    async def _sync(self, renew: bool) -> None:
+    async def _sync(self) -> None:
         pending, self._pending = self._pending, {}
-        if renew:
-            await self._renew()
         if not pending:
             return
 
@@ -583,21 +644,6 @@ class RedisStore:
         for (kind, key), total in zip(pending, totals, strict=True):
             self._fleet(kind, key, int(total))
 
-    async def _renew(self) -> None:
-        """Push every live member's lease end forward."""
-        lease_ms = int(LEASE_SECONDS * 1000)
-        members = list(self._live)
-        if not members:
-            return
-        script = _RENEW
-
-        async def renew() -> None:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for set_key, name in members:
-                    pipe.eval(script, keys=[set_key], args=[name, lease_ms])
-
-        await self._call(Op.SYNC, renew)
-
 
 def _eval(
     script: Script[bytes],
@@ -611,11 +657,12 @@ def _eval(
     return request
 
 
-# KEYS: a sorted set of leases.  ARGV: member, lease ms.
+# KEYS: a sorted set of leases.  ARGV: member, lease ms.  Adds the member
+# again if Redis lost it (a restart, a failover): it is still live here.
 _RENEW = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """

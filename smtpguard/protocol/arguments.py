@@ -10,8 +10,6 @@ upstream never sees a parameter of an extension it did not advertise).
 
 from __future__ import annotations
 
-import re
-
 from . import ehlo
 from .events import Event, Normalized, SyntaxFinding
 from .policy import Action
@@ -26,6 +24,7 @@ from .syntax import (
     Shape,
     Verdict,
     check,
+    words,
 )
 
 #: ``policy.syntax`` action -> syntax mode.
@@ -43,7 +42,6 @@ _NOTHING = Offered()
 _AFTER_HELO = Offered(
     frozenset(p.extension for p in PARAMETERS.values()) | frozenset(VALUE_EXTENSION.values())
 )
-_SIZE_PARAMETER = re.compile(rb" SIZE=[^ ]*", re.IGNORECASE)
 #: A verb alone, as written by every client (``DATA``, ``QUIT``...): canonical
 #: in every mode, so the grammar is not asked (the common case, per message).
 BARE = frozenset(
@@ -98,8 +96,25 @@ class ArgumentGuard:
         """What goes to the upstream for ``line`` (judged from the client's
         ``sent``): without smtpguard's own SIZE parameter; counted as
         normalized if it differs from what the client sent."""
-        if self.strip_size and verb is Verb.MAIL:
-            line = _SIZE_PARAMETER.sub(b"", line)
+        if self.strip_size and verb is Verb.MAIL and b"SIZE=" in line.upper():
+            line = _without_size(line)
         if line != sent:
             self._events.append(Normalized(verb))
         return line
+
+
+def parameters(mail: bytes) -> list[bytes]:
+    """A MAIL line's ESMTP parameters, upper case: the words after its path,
+    cut as :func:`.syntax.words` does (a quoted local part is one word)."""
+    _head, colon, rest = mail.partition(b":")
+    return [word.upper() for word, _ in words(rest)[1:]] if colon else []
+
+
+def _without_size(mail: bytes) -> bytes:
+    """``mail`` without its SIZE parameter (smtpguard's own extension)."""
+    head, colon, rest = mail.partition(b":")
+    found = words(rest)
+    if not colon or not found:
+        return mail
+    kept = [word for word, _ in found[1:] if not word.upper().startswith(b"SIZE=")]
+    return head + colon + found[0][0] + b"".join(b" " + word for word in kept)

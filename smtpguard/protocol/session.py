@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from . import bdat, ehlo, greeting
 from . import policy as P
 from . import replies as R
-from .arguments import ArgumentGuard
+from .arguments import ArgumentGuard, parameters
 from .content import END, MORE, BodyReader, ChunkReader, annotation
 from .defences import Defences
 from .events import (
@@ -845,7 +845,8 @@ class Session:
         return (
             self.options.policy.reject_eight_bit
             and b"8BITMIME" not in self._caps.upstream
-            and b" BODY=8BITMIME" in mail.upper()
+            and b"BODY=8BITMIME" in mail.upper()
+            and b"BODY=8BITMIME" in parameters(mail)
         )
 
     def _admitted(self, verb: Verb) -> bool:
@@ -862,7 +863,7 @@ class Session:
             # BDAT content of an abandoned transaction (RSET/EHLO ended it).
             self._events.append(MessageDone(_ABORTED, self._txn.content_bytes))
         self._txn = Transaction()
-        self._txn.smtputf8 = b"SMTPUTF8" in mail.upper()
+        self._txn.smtputf8 = b"SMTPUTF8" in mail.upper() and b"SMTPUTF8" in parameters(mail)
 
     def _apply_locally(self, verb: Verb) -> None:
         """A local 2xx that moves the state as the upstream's would."""

@@ -267,3 +267,32 @@ def test_a_bare_verb_skips_the_grammar_and_gets_the_same_verdict() -> None:
                 full.reason,
                 full.changed,
             ), (mode, line)
+
+
+@pytest.mark.parametrize(
+    "mail",
+    [b"MAIL FROM:<smtputf8@b.example>", b"MAIL FROM:<a@b.example> ENVID=SMTPUTF8"],
+)
+def test_only_the_smtputf8_parameter_declares_smtputf8(mail: bytes) -> None:
+    p = peer("strict")
+    p.client(mail + b"\r\n")
+    p.upstream(b"250 ok\r\n")
+    up, down = p.client("RCPT TO:<\u00e9@b.example>\r\n".encode())
+    assert up == b"" and down.startswith(b"553 5.6.7 ")
+
+
+@pytest.mark.parametrize("mode", ["observe", "normalize", "strict"])
+def test_smtpguards_own_size_is_taken_off_by_its_word_not_by_its_text(mode: str) -> None:
+    p = peer(mode, EHLO_LEGACY, max_message_bytes=1000)
+    quoted = b'MAIL FROM:<"a SIZE=1 b"@b.example> SIZE=10\r\n'
+    assert p.client(quoted)[0] == b'MAIL FROM:<"a SIZE=1 b"@b.example>\r\n'
+    p.upstream(b"250 ok\r\n")
+    p.client(b"RSET\r\n")
+    p.upstream(b"250 ok\r\n")
+    assert p.client(b"MAIL FROM:<a@b.example>\tSIZE=10\r\n")[0] == b"MAIL FROM:<a@b.example>\r\n"
+
+
+def test_body_8bitmime_is_read_as_a_parameter_not_as_text() -> None:
+    p = peer(ehlo=EHLO_LEGACY, reject_eight_bit=True)
+    line = b'MAIL FROM:<"x BODY=8BITMIME"@b.example>\r\n'
+    assert p.client(line) == (line, b"")
