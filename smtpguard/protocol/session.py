@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bdat, ehlo, greeting
+from . import bdat, ehlo, greeting, local
 from . import policy as P
 from . import replies as R
 from .arguments import ArgumentGuard
@@ -63,6 +63,8 @@ from .events import (
     replied,
 )
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .limits import rate_refusal
+from .limits import refusal as limit_refusal
 from .lines import TOO_LONG, LineReader
 from .options import SessionOptions
 from .policy import Action, Defence
@@ -763,10 +765,18 @@ class Session:
             return True  # refused
         if observed is not None:
             self._violation(verb, observed, _OBSERVE, local=False)
-        elif not self._within_limits(verb, judged):
-            return True
-        if (verb is Verb.MAIL or verb is Verb.RCPT) and not self._admitted(verb):
-            return True
+        else:
+            refused = limit_refusal(
+                verb, judged, self._txn.rcpts, self._caps.upstream, self._defences
+            )
+            if refused is not None:
+                self._local(verb, refused)
+                return True
+        if verb is Verb.MAIL or verb is Verb.RCPT:
+            refused = rate_refusal(verb, self.options.admit)
+            if refused is not None:
+                self._local(verb, refused)
+                return True
         if verb is Verb.MAIL:
             self._new_transaction(judged)
         elif verb is Verb.RCPT:
@@ -816,7 +826,8 @@ class Session:
         if isinstance(answer, R.Reply):
             self._local(verb, answer)
         elif answer is Answer.HELP:
-            self._help(line)
+            self._events.append(LocalReply(Verb.HELP, 214))
+            self._push(Slot(Verb.HELP, Verb.HELP, local.help_reply(line, self.options)))
         elif self._queue.inflight:
             return False  # it changes the state the replies in flight apply to
         elif answer is Answer.START_TLS:
@@ -824,37 +835,6 @@ class Session:
         else:
             self._identify(verb)
         return True
-
-    def _within_limits(self, verb: Verb, line: bytes) -> bool:
-        defences = self._defences
-        if verb is Verb.MAIL and self._declares_eight_bit(line):
-            self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "BODY=8BITMIME"))
-            self._local(verb, P.EIGHT_BIT_REFUSED)
-            return False
-        if verb is Verb.MAIL and defences.declared_size_refused(line):
-            self._local(verb, P.MESSAGE_TOO_BIG)
-            return False
-        if verb is Verb.RCPT and defences.recipients_refused(self._txn.rcpts):
-            self._local(verb, P.TOO_MANY_RECIPIENTS)
-            return False
-        return True
-
-    def _declares_eight_bit(self, mail: bytes) -> bool:
-        """MAIL ... BODY=8BITMIME for an upstream without 8BITMIME, under
-        ``body.eight_bit: reject``."""
-        return (
-            self.options.policy.reject_eight_bit
-            and b"8BITMIME" not in self._caps.upstream
-            and b" BODY=8BITMIME" in mail.upper()
-        )
-
-    def _admitted(self, verb: Verb) -> bool:
-        """Per-client rates (injected: the core has no clock)."""
-        admit = self.options.admit
-        if admit is None or admit("message" if verb is Verb.MAIL else "recipient"):
-            return True
-        self._local(verb, P.TOO_MUCH_MAIL if verb is Verb.MAIL else P.RCPT_RATE)
-        return False
 
     def _new_transaction(self, mail: bytes) -> None:
         """MAIL is going out: a new transaction replaces the last one."""
@@ -887,22 +867,11 @@ class Session:
         """EHLO/HELO after STARTTLS, answered from the upstream's EHLO reply."""
         assert self._upstream_ehlo is not None
         self._reidentify = False
-        if verb is Verb.EHLO:
-            data = self._learn_capabilities(self._upstream_ehlo)
-        else:
-            self._use(ehlo.NO_EXTENSIONS)
-            data = ehlo.helo_reply(self._upstream_ehlo, self.options.hostname)
+        data, caps = local.identify(verb, self._upstream_ehlo, self.options, self.state.tls)
+        self._use(caps)
         self._apply_locally(verb)
         self._events.append(LocalReply(verb, 250))
         self._push(Slot(verb, verb, data))
-
-    def _help(self, line: bytes) -> None:
-        opts = self.options
-        parts = line.split(None, 1)
-        topic = parts[1].strip().upper().decode("ascii", "replace") if len(parts) > 1 else ""
-        text = opts.help_topics.get(topic, opts.help_text) if topic else opts.help_text
-        self._events.append(LocalReply(Verb.HELP, 214))
-        self._push(Slot(Verb.HELP, Verb.HELP, lambda enhanced: R.help_reply(text, enhanced)))
 
     # ------------------------------------------------------------- BDAT
 
