@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bdat, ehlo, greeting, local
+from . import bdat, ehlo, greeting, local, upstream
 from . import policy as P
 from . import replies as R
 from .arguments import ArgumentGuard
@@ -70,7 +70,6 @@ from .options import SessionOptions
 from .policy import Action, Defence
 from .queue import Render, ReplyQueue, Slot
 from .rules import (
-    BROKEN,
     EXTENSION_OF,
     FRAMING,
     HOLD,
@@ -130,6 +129,7 @@ _FAST_VERBS = frozenset(
     }
 )
 _ABORTED = MessageOutcome.ABORTED
+_RELAY, _INTERNAL, _UNSOLICITED = upstream.RELAY, upstream.INTERNAL, upstream.UNSOLICITED
 _C = CloseReason
 
 
@@ -492,19 +492,19 @@ class Session:
 
     def _on_upstream_reply(self, reply: UpstreamReply) -> None:
         inflight = self._queue.inflight
-        if not inflight:
-            self._unsolicited(reply)
+        how = upstream.disposition(inflight[0] if inflight else None, reply.code)
+        if how is not _RELAY and how is not _INTERNAL:
+            if how is _UNSOLICITED:
+                self._unsolicited(reply)
+            else:
+                self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
             return
-        slot = inflight[0]
+        slot = inflight.popleft()
         step = slot.step
         cls = reply.code // 100
-        if cls in BROKEN.get(step, ()):
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-            return
-        inflight.popleft()
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
-        if slot.internal:
+        if how is _INTERNAL:
             self._internal_reply(slot, reply)
             return
         self._events.append(replied(step, reply.code))
@@ -522,11 +522,7 @@ class Session:
             self.close_reason = _C.QUIT if step is Verb.QUIT else _C.UPSTREAM_CLOSED
 
     def _unsolicited(self, reply: UpstreamReply) -> None:
-        """A reply nobody asked for: a 421 (the upstream's own idle timeout)
-        is relayed and closes; anything else is a broken upstream."""
-        if reply.code != 421:
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-            return
+        """A 421 nobody asked for: relayed, and the session closes."""
         self._flush()
         if self.in_transaction_content:
             self._events.append(MessageDone(_ABORTED, self._txn.content_bytes))
@@ -539,36 +535,26 @@ class Session:
         self._recompute_possible()
         if slot.step is Verb.GREETING:
             self._events.append(replied(Verb.GREETING, reply.code))
-            if self._deferred.upstream_greeted(reply):
-                self._to_client += reply.raw  # closing: say why, as the upstream would
-                self.close_reason = _C.UPSTREAM_CLOSED
-        elif reply.code // 100 != 2:
-            # The upstream refused to end its transaction: it and the
-            # client no longer agree on the session, so it ends here.
+        outcome = upstream.internal(slot.step, reply, self._deferred)
+        if outcome is upstream.Internal.CLOSE:
+            self._to_client += reply.raw  # closing: say why, as the upstream would
+            self.close_reason = _C.UPSTREAM_CLOSED
+        elif outcome is upstream.Internal.BROKEN:
             self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
 
     def _relayed(self, slot: Slot, reply: UpstreamReply) -> bytes:
         """What the client gets for ``reply`` (the EHLO reply is rewritten)."""
         step = slot.step
-        if reply.code // 100 == 2 and step is Verb.EHLO:
-            self._upstream_ehlo = reply.lines
-            return self._learn_capabilities(reply.lines)
-        if reply.code // 100 == 2 and step is Verb.HELO:
-            self._upstream_ehlo = None  # no ESMTP after HELO
-            self._use(ehlo.NO_EXTENSIONS)
+        if step is Verb.EHLO or step is Verb.HELO:
+            learnt = upstream.identified(step, reply, self.options, self.state.tls)
+            if learnt is not None:
+                # The upstream's EHLO reply answers the EHLO after STARTTLS.
+                self._upstream_ehlo = reply.lines if step is Verb.EHLO else None
+                self._use(learnt[1])
+                return learnt[0]
         elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
-            outcome = MessageOutcome.ACCEPTED if reply.code < 300 else MessageOutcome.REJECTED
-            size, txn = slot.size, self._txn
-            if slot is txn.last_chunk:  # answered before the chunk was all sent
-                size, txn.content_bytes, txn.last_chunk = txn.content_bytes, 0, None
-            self._events.append(MessageDone(outcome, size))
+            self._events.append(upstream.message_done(slot, reply.code, self._txn))
         return reply.raw
-
-    def _learn_capabilities(self, lines: Sequence[bytes]) -> bytes:
-        """The client's EHLO reply, from the upstream's (see :mod:`.ehlo`)."""
-        data, caps = ehlo.rewrite(lines, self.options, self.state.tls)
-        self._use(caps)
-        return data
 
     def _use(self, caps: ehlo.Capabilities) -> None:
         """What the client was shown (and may use) from now on."""
