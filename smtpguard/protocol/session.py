@@ -862,46 +862,51 @@ class Session:
     # ------------------------------------------------------------- BDAT
 
     def _bdat(self, line: bytes, expected: str | None) -> bool:
+        """Decide a BDAT line (see :func:`.bdat.decide`); False: hold it."""
         parsed = bdat.parse(line)
-        if parsed is None:
-            # The chunk's length is unknown, so nothing after this line can be
-            # framed (read as commands, chunk bytes would run as commands):
-            # 521 and hang up, as Postfix does.
-            self._local(Verb.BDAT, R.BAD_BDAT)
-            self._end_after_replies(None, _C.POLICY)
-            return True
-        if self._queue.inflight and not self._caps.upstream_pipelining:
-            return False  # (and the RSET that may follow a refusal waits its turn)
+        answer = None
         if expected is None:
             answer = local_answer(Verb.BDAT, self._facts(True, Verb.BDAT))
-            if answer is not None:
-                # Never forward BDAT to an upstream without CHUNKING: it would
-                # read the chunk as commands.  The chunk is framed all the same.
-                self._refuse_chunk(parsed)
-                assert isinstance(answer, R.Reply)
-                self._local(Verb.BDAT, answer)
-                return True
-        elif self.options.policy.sequence is not _OBSERVE:
+        move = bdat.decide(
+            parsed,
+            expected,
+            answer is not None,
+            waits=bool(self._queue.inflight) and not self._caps.upstream_pipelining,
+            observe=self.options.policy.sequence is _OBSERVE,
+            client_gone=self._client_done,
+            buffered=len(self._client_buf),
+        )
+        if move is bdat.Move.WAIT:
+            return False
+        if parsed is None:  # (MALFORMED)
+            self._local(Verb.BDAT, R.BAD_BDAT)
+            self._end_after_replies(None, _C.POLICY)
+        elif move is bdat.Move.ANSWER:
+            self._refuse_chunk(parsed)
+            assert isinstance(answer, R.Reply)
+            self._local(Verb.BDAT, answer)
+        elif move is bdat.Move.OUT_OF_SEQUENCE:
+            assert expected is not None
             self._refuse_chunk(parsed)
             self._out_of_sequence(Verb.BDAT, expected)
-            return True
-        if self._client_done and len(self._client_buf) < parsed.size:
-            # The client is gone and this chunk can never complete: never start it.
+        elif move is bdat.Move.STARVED:
             self._flush()
             self.abort(_C.CLIENT_CLOSED)
-            return True
-        if expected is not None:
-            self._violation(Verb.BDAT, expected, _OBSERVE, local=False)
+        else:
+            self._forward_chunk(parsed, line, expected)
+        return True
+
+    def _forward_chunk(self, parsed: bdat.Bdat, line: bytes, observed: str | None) -> None:
+        """Forward a BDAT line (``observed``: out of sequence, only observed)."""
+        if observed is not None:
+            self._violation(Verb.BDAT, observed, _OBSERVE, local=False)
         self._chunk = self._chunk_reader(parsed.size, True)
-        annotation = self._annotation()
-        if annotation:
-            # The header is part of the first chunk: announce its size too.
-            line = b"BDAT %d" % (parsed.size + len(annotation)) + (b" LAST" if parsed.last else b"")
+        header = self._annotation()
+        line = bdat.announced(parsed, line, header)
         self._forward(Verb.BDAT, Verb.BDAT_LAST if parsed.last else Verb.BDAT, line)
         if parsed.last:
             self._txn.last_chunk = self._queue.inflight[-1]
-        self._to_upstream += annotation
-        return True
+        self._to_upstream += header
 
     def _refuse_chunk(self, parsed: bdat.Bdat) -> None:
         """A BDAT answered locally: its chunk is read and dropped, and the
