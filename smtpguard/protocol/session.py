@@ -20,8 +20,12 @@ tested alone:
 - :mod:`.ehlo`: the client's EHLO reply from the upstream's;
 - :mod:`.lines`: command and SASL lines from the client's bytes;
 - :mod:`.content`: the DATA body and BDAT chunk readers, side by side (on
-  :mod:`.body` and :mod:`.bdat`);
+  :mod:`.body` and :mod:`.bdat`, which also decides a BDAT command);
 - :mod:`.defences`: the policy's decisions and the session's counters;
+- :mod:`.limits`: the limits and rates on MAIL and RCPT;
+- :mod:`.upstream`: what each upstream reply is, and what it teaches;
+- :mod:`.local`: the local answers beyond a fixed reply (HELP, EHLO/HELO
+  after STARTTLS);
 - :mod:`.greeting`: deferred connect: the client's first line, the upstream's
   greeting.
 
@@ -751,15 +755,14 @@ class Session:
             return True  # refused
         if observed is not None:
             self._violation(verb, observed, _OBSERVE, local=False)
-        else:
-            refused = limit_refusal(
-                verb, judged, self._txn.rcpts, self._caps.upstream, self._defences
-            )
-            if refused is not None:
-                self._local(verb, refused)
-                return True
         if verb is Verb.MAIL or verb is Verb.RCPT:
-            refused = rate_refusal(verb, self.options.admit)
+            refused = None
+            if observed is None:  # (the upstream answers what is only observed)
+                refused = limit_refusal(
+                    verb, judged, self._txn.rcpts, self._caps.upstream, self._defences
+                )
+            if refused is None:
+                refused = rate_refusal(verb, self.options.admit)
             if refused is not None:
                 self._local(verb, refused)
                 return True
