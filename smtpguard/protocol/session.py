@@ -20,8 +20,12 @@ tested alone:
 - :mod:`.ehlo`: the client's EHLO reply from the upstream's;
 - :mod:`.lines`: command and SASL lines from the client's bytes;
 - :mod:`.content`: the DATA body and BDAT chunk readers, side by side (on
-  :mod:`.body` and :mod:`.bdat`);
+  :mod:`.body` and :mod:`.bdat`, which also decides a BDAT command);
 - :mod:`.defences`: the policy's decisions and the session's counters;
+- :mod:`.limits`: the limits and rates on MAIL and RCPT;
+- :mod:`.upstream`: what each upstream reply is, and what it teaches;
+- :mod:`.local`: the local answers beyond a fixed reply (HELP, EHLO/HELO
+  after STARTTLS);
 - :mod:`.greeting`: deferred connect: the client's first line, the upstream's
   greeting.
 
@@ -41,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from . import bdat, ehlo, greeting
+from . import bdat, ehlo, greeting, local, upstream
 from . import policy as P
 from . import replies as R
 from .arguments import ArgumentGuard, parameters
@@ -63,12 +67,13 @@ from .events import (
     replied,
 )
 from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .limits import rate_refusal
+from .limits import refusal as limit_refusal
 from .lines import TOO_LONG, LineReader
 from .options import SessionOptions
 from .policy import Action, Defence
 from .queue import Render, ReplyQueue, Slot
 from .rules import (
-    BROKEN,
     EXTENSION_OF,
     FRAMING,
     HOLD,
@@ -128,6 +133,7 @@ _FAST_VERBS = frozenset(
     }
 )
 _ABORTED = MessageOutcome.ABORTED
+_RELAY, _INTERNAL, _UNSOLICITED = upstream.RELAY, upstream.INTERNAL, upstream.UNSOLICITED
 _C = CloseReason
 
 
@@ -490,19 +496,19 @@ class Session:
 
     def _on_upstream_reply(self, reply: UpstreamReply) -> None:
         inflight = self._queue.inflight
-        if not inflight:
-            self._unsolicited(reply)
+        how = upstream.disposition(inflight[0] if inflight else None, reply.code)
+        if how is not _RELAY and how is not _INTERNAL:
+            if how is _UNSOLICITED:
+                self._unsolicited(reply)
+            else:
+                self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
             return
-        slot = inflight[0]
+        slot = inflight.popleft()
         step = slot.step
         cls = reply.code // 100
-        if cls in BROKEN.get(step, ()):
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-            return
-        inflight.popleft()
         self.state = transition(self.state, step, cls)
         self._upstream_replies += 1
-        if slot.internal:
+        if how is _INTERNAL:
             self._internal_reply(slot, reply)
             return
         self._events.append(replied(step, reply.code))
@@ -520,11 +526,7 @@ class Session:
             self.close_reason = _C.QUIT if step is Verb.QUIT else _C.UPSTREAM_CLOSED
 
     def _unsolicited(self, reply: UpstreamReply) -> None:
-        """A reply nobody asked for: a 421 (the upstream's own idle timeout)
-        is relayed and closes; anything else is a broken upstream."""
-        if reply.code != 421:
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-            return
+        """A 421 nobody asked for: relayed, and the session closes."""
         self._flush()
         if self.in_transaction_content:
             self._events.append(MessageDone(_ABORTED, self._txn.content_bytes))
@@ -537,36 +539,26 @@ class Session:
         self._recompute_possible()
         if slot.step is Verb.GREETING:
             self._events.append(replied(Verb.GREETING, reply.code))
-            if self._deferred.upstream_greeted(reply):
-                self._to_client += reply.raw  # closing: say why, as the upstream would
-                self.close_reason = _C.UPSTREAM_CLOSED
-        elif reply.code // 100 != 2:
-            # The upstream refused to end its transaction: it and the
-            # client no longer agree on the session, so it ends here.
+        outcome = upstream.internal(slot.step, reply, self._deferred)
+        if outcome is upstream.Internal.CLOSE:
+            self._to_client += reply.raw  # closing: say why, as the upstream would
+            self.close_reason = _C.UPSTREAM_CLOSED
+        elif outcome is upstream.Internal.BROKEN:
             self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
 
     def _relayed(self, slot: Slot, reply: UpstreamReply) -> bytes:
         """What the client gets for ``reply`` (the EHLO reply is rewritten)."""
         step = slot.step
-        if reply.code // 100 == 2 and step is Verb.EHLO:
-            self._upstream_ehlo = reply.lines
-            return self._learn_capabilities(reply.lines)
-        if reply.code // 100 == 2 and step is Verb.HELO:
-            self._upstream_ehlo = None  # no ESMTP after HELO
-            self._use(ehlo.NO_EXTENSIONS)
+        if step is Verb.EHLO or step is Verb.HELO:
+            learnt = upstream.identified(step, reply, self.options, self.state.tls)
+            if learnt is not None:
+                # The upstream's EHLO reply answers the EHLO after STARTTLS.
+                self._upstream_ehlo = reply.lines if step is Verb.EHLO else None
+                self._use(learnt[1])
+                return learnt[0]
         elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
-            outcome = MessageOutcome.ACCEPTED if reply.code < 300 else MessageOutcome.REJECTED
-            size, txn = slot.size, self._txn
-            if slot is txn.last_chunk:  # answered before the chunk was all sent
-                size, txn.content_bytes, txn.last_chunk = txn.content_bytes, 0, None
-            self._events.append(MessageDone(outcome, size))
+            self._events.append(upstream.message_done(slot, reply.code, self._txn))
         return reply.raw
-
-    def _learn_capabilities(self, lines: Sequence[bytes]) -> bytes:
-        """The client's EHLO reply, from the upstream's (see :mod:`.ehlo`)."""
-        data, caps = ehlo.rewrite(lines, self.options, self.state.tls)
-        self._use(caps)
-        return data
 
     def _use(self, caps: ehlo.Capabilities) -> None:
         """What the client was shown (and may use) from now on."""
@@ -763,10 +755,17 @@ class Session:
             return True  # refused
         if observed is not None:
             self._violation(verb, observed, _OBSERVE, local=False)
-        elif not self._within_limits(verb, judged):
-            return True
-        if (verb is Verb.MAIL or verb is Verb.RCPT) and not self._admitted(verb):
-            return True
+        if verb is Verb.MAIL or verb is Verb.RCPT:
+            refused = None
+            if observed is None:  # (the upstream answers what is only observed)
+                refused = limit_refusal(
+                    verb, judged, self._txn.rcpts, self._caps.upstream, self._defences
+                )
+            if refused is None:
+                refused = rate_refusal(verb, self.options.admit)
+            if refused is not None:
+                self._local(verb, refused)
+                return True
         if verb is Verb.MAIL:
             self._new_transaction(judged)
         elif verb is Verb.RCPT:
@@ -816,7 +815,8 @@ class Session:
         if isinstance(answer, R.Reply):
             self._local(verb, answer)
         elif answer is Answer.HELP:
-            self._help(line)
+            self._events.append(LocalReply(Verb.HELP, 214))
+            self._push(Slot(Verb.HELP, Verb.HELP, local.help_reply(line, self.options)))
         elif self._queue.inflight:
             return False  # it changes the state the replies in flight apply to
         elif answer is Answer.START_TLS:
@@ -824,38 +824,6 @@ class Session:
         else:
             self._identify(verb)
         return True
-
-    def _within_limits(self, verb: Verb, line: bytes) -> bool:
-        defences = self._defences
-        if verb is Verb.MAIL and self._declares_eight_bit(line):
-            self._events.append(PolicyAction(Defence.EIGHT_BIT, Action.REJECT, "BODY=8BITMIME"))
-            self._local(verb, P.EIGHT_BIT_REFUSED)
-            return False
-        if verb is Verb.MAIL and defences.declared_size_refused(line):
-            self._local(verb, P.MESSAGE_TOO_BIG)
-            return False
-        if verb is Verb.RCPT and defences.recipients_refused(self._txn.rcpts):
-            self._local(verb, P.TOO_MANY_RECIPIENTS)
-            return False
-        return True
-
-    def _declares_eight_bit(self, mail: bytes) -> bool:
-        """MAIL ... BODY=8BITMIME for an upstream without 8BITMIME, under
-        ``body.eight_bit: reject``."""
-        return (
-            self.options.policy.reject_eight_bit
-            and b"8BITMIME" not in self._caps.upstream
-            and b"BODY=8BITMIME" in mail.upper()
-            and b"BODY=8BITMIME" in parameters(mail)
-        )
-
-    def _admitted(self, verb: Verb) -> bool:
-        """Per-client rates (injected: the core has no clock)."""
-        admit = self.options.admit
-        if admit is None or admit("message" if verb is Verb.MAIL else "recipient"):
-            return True
-        self._local(verb, P.TOO_MUCH_MAIL if verb is Verb.MAIL else P.RCPT_RATE)
-        return False
 
     def _new_transaction(self, mail: bytes) -> None:
         """MAIL is going out: a new transaction replaces the last one."""
@@ -888,66 +856,60 @@ class Session:
         """EHLO/HELO after STARTTLS, answered from the upstream's EHLO reply."""
         assert self._upstream_ehlo is not None
         self._reidentify = False
-        if verb is Verb.EHLO:
-            data = self._learn_capabilities(self._upstream_ehlo)
-        else:
-            self._use(ehlo.NO_EXTENSIONS)
-            data = ehlo.helo_reply(self._upstream_ehlo, self.options.hostname)
+        data, caps = local.identify(verb, self._upstream_ehlo, self.options, self.state.tls)
+        self._use(caps)
         self._apply_locally(verb)
         self._events.append(LocalReply(verb, 250))
         self._push(Slot(verb, verb, data))
 
-    def _help(self, line: bytes) -> None:
-        opts = self.options
-        parts = line.split(None, 1)
-        topic = parts[1].strip().upper().decode("ascii", "replace") if len(parts) > 1 else ""
-        text = opts.help_topics.get(topic, opts.help_text) if topic else opts.help_text
-        self._events.append(LocalReply(Verb.HELP, 214))
-        self._push(Slot(Verb.HELP, Verb.HELP, lambda enhanced: R.help_reply(text, enhanced)))
-
     # ------------------------------------------------------------- BDAT
 
     def _bdat(self, line: bytes, expected: str | None) -> bool:
+        """Decide a BDAT line (see :func:`.bdat.decide`); False: hold it."""
         parsed = bdat.parse(line)
-        if parsed is None:
-            # The chunk's length is unknown, so nothing after this line can be
-            # framed (read as commands, chunk bytes would run as commands):
-            # 521 and hang up, as Postfix does.
-            self._local(Verb.BDAT, R.BAD_BDAT)
-            self._end_after_replies(None, _C.POLICY)
-            return True
-        if self._queue.inflight and not self._caps.upstream_pipelining:
-            return False  # (and the RSET that may follow a refusal waits its turn)
+        answer = None
         if expected is None:
             answer = local_answer(Verb.BDAT, self._facts(True, Verb.BDAT))
-            if answer is not None:
-                # Never forward BDAT to an upstream without CHUNKING: it would
-                # read the chunk as commands.  The chunk is framed all the same.
-                self._refuse_chunk(parsed)
-                assert isinstance(answer, R.Reply)
-                self._local(Verb.BDAT, answer)
-                return True
-        elif self.options.policy.sequence is not _OBSERVE:
+        move = bdat.decide(
+            parsed,
+            expected,
+            answer is not None,
+            waits=bool(self._queue.inflight) and not self._caps.upstream_pipelining,
+            observe=self.options.policy.sequence is _OBSERVE,
+            client_gone=self._client_done,
+            buffered=len(self._client_buf),
+        )
+        if move is bdat.Move.WAIT:
+            return False
+        if parsed is None:  # (MALFORMED)
+            self._local(Verb.BDAT, R.BAD_BDAT)
+            self._end_after_replies(None, _C.POLICY)
+        elif move is bdat.Move.ANSWER:
+            self._refuse_chunk(parsed)
+            assert isinstance(answer, R.Reply)
+            self._local(Verb.BDAT, answer)
+        elif move is bdat.Move.OUT_OF_SEQUENCE:
+            assert expected is not None
             self._refuse_chunk(parsed)
             self._out_of_sequence(Verb.BDAT, expected)
-            return True
-        if self._client_done and len(self._client_buf) < parsed.size:
-            # The client is gone and this chunk can never complete: never start it.
+        elif move is bdat.Move.STARVED:
             self._flush()
             self.abort(_C.CLIENT_CLOSED)
-            return True
-        if expected is not None:
-            self._violation(Verb.BDAT, expected, _OBSERVE, local=False)
+        else:
+            self._forward_chunk(parsed, line, expected)
+        return True
+
+    def _forward_chunk(self, parsed: bdat.Bdat, line: bytes, observed: str | None) -> None:
+        """Forward a BDAT line (``observed``: out of sequence, only observed)."""
+        if observed is not None:
+            self._violation(Verb.BDAT, observed, _OBSERVE, local=False)
         self._chunk = self._chunk_reader(parsed.size, True)
-        annotation = self._annotation()
-        if annotation:
-            # The header is part of the first chunk: announce its size too.
-            line = b"BDAT %d" % (parsed.size + len(annotation)) + (b" LAST" if parsed.last else b"")
+        header = self._annotation()
+        line = bdat.announced(parsed, line, header)
         self._forward(Verb.BDAT, Verb.BDAT_LAST if parsed.last else Verb.BDAT, line)
         if parsed.last:
             self._txn.last_chunk = self._queue.inflight[-1]
-        self._to_upstream += annotation
-        return True
+        self._to_upstream += header
 
     def _refuse_chunk(self, parsed: bdat.Bdat) -> None:
         """A BDAT answered locally: its chunk is read and dropped, and the

@@ -4,9 +4,11 @@ chunk."""
 
 from __future__ import annotations
 
+import pytest
 from support.driver import Peer, policy_actions
 from support.ehlo import EHLO_AUTH
 
+from smtpguard.protocol import bdat
 from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.rules import Phase
 from smtpguard.protocol.session import MessageDone
@@ -171,3 +173,40 @@ def test_half_close_after_a_complete_bdat_last_chunk_still_gets_its_reply() -> N
     assert MessageDone("accepted", 10) in events
     assert not any(isinstance(e, MessageDone) and e.outcome == "aborted" for e in events)
     assert p.s.closed and p.s.close_reason == "client_closed"
+
+
+# ------------------------------------------------ the BDAT decision, alone
+
+_IN_SEQUENCE = {"waits": False, "observe": False, "client_gone": False, "buffered": 0}
+
+
+@pytest.mark.parametrize(
+    ("parsed", "expected", "answered", "changes", "want"),
+    [
+        (None, None, False, {}, bdat.Move.MALFORMED),
+        (None, "need MAIL", True, {"waits": True}, bdat.Move.MALFORMED),
+        (bdat.Bdat(5, False), None, False, {"waits": True}, bdat.Move.WAIT),
+        (bdat.Bdat(5, False), None, True, {}, bdat.Move.ANSWER),
+        (bdat.Bdat(5, False), "need MAIL", False, {}, bdat.Move.OUT_OF_SEQUENCE),
+        (bdat.Bdat(5, False), "need MAIL", False, {"observe": True}, bdat.Move.FORWARD),
+        (bdat.Bdat(5, True), None, False, {}, bdat.Move.FORWARD),
+        (bdat.Bdat(5, True), None, False, {"client_gone": True, "buffered": 4}, bdat.Move.STARVED),
+        (bdat.Bdat(5, True), None, False, {"client_gone": True, "buffered": 5}, bdat.Move.FORWARD),
+        (bdat.Bdat(5, True), None, False, {"buffered": 0}, bdat.Move.FORWARD),
+    ],
+)
+def test_bdat_decide(
+    parsed: bdat.Bdat | None,
+    expected: str | None,
+    answered: bool,
+    changes: dict[str, object],
+    want: bdat.Move,
+) -> None:
+    known = {**_IN_SEQUENCE, **changes}
+    assert bdat.decide(parsed, expected, answered, **known) is want  # type: ignore[arg-type]
+
+
+def test_bdat_announced_counts_the_header() -> None:
+    assert bdat.announced(bdat.Bdat(5, False), b"bdat 5", b"") == b"bdat 5"
+    assert bdat.announced(bdat.Bdat(5, False), b"bdat 5", b"X: y\r\n") == b"BDAT 11"
+    assert bdat.announced(bdat.Bdat(0, True), b"BDAT 0 last", b"X: y\r\n") == b"BDAT 6 LAST"
