@@ -459,6 +459,17 @@ class Metrics:
         self.registry.register(_FlushFirst(self))
         for family in FAMILIES:
             setattr(self, family.attr, family.create(self.registry))
+        #: The counting step for each event type.
+        self.count: dict[type, Callable[[Any], None]] = {
+            Forwarded: self.forwarded_command,
+            UpstreamReplied: self.upstream_replied,
+            LocalReply: self.local_reply,
+            Violation: self.violation,
+            MessageDone: self.message_done,
+            PolicyAction: self.policy_action,
+            SyntaxFinding: self.syntax_finding,
+            Normalized: self.normalized_command,
+        }
         self.build_info.labels(__version__).set(1)
         # Label look-ups cost more than the increments: keep the children.
         # ``BDAT n LAST`` is counted as BDAT: the label set is the client
@@ -555,21 +566,6 @@ class Metrics:
             handler = count.get(type(event))
             if handler is not None:
                 handler(event)
-
-    @property
-    def count(self) -> dict[type, Callable[[Any], None]]:
-        """The counting step for each event type (children cached: this runs
-        per command)."""
-        return {
-            Forwarded: self.forwarded_command,
-            UpstreamReplied: self.upstream_replied,
-            LocalReply: self.local_reply,
-            Violation: self.violation,
-            MessageDone: self.message_done,
-            PolicyAction: self.policy_action,
-            SyntaxFinding: self.syntax_finding,
-            Normalized: self.normalized_command,
-        }
 
     def forwarded_command(self, event: Forwarded) -> None:
         fwd = self._forwarded.get(event.step)

@@ -332,12 +332,15 @@ class RedisStore:
                 log.exception("store call failed", extra=fields(op=op.value))
                 failure = exc
             else:
-                self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
-                if started >= self._down_until:  # not a call begun before a failure
-                    self._recovered()
+                self._succeeded(op, started)
                 return result
         self._failed(op, failure)
         return None
+
+    def _succeeded(self, op: Op, started: float) -> None:
+        self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
+        if started >= self._down_until:  # not a call begun before a failure
+            self._recovered()
 
     async def _script(
         self,
@@ -367,9 +370,7 @@ class RedisStore:
         if request.failure is not None or not taken:
             self._failed(op, request.failure)
             return None
-        self._metrics.store_seconds.labels(op.value).observe(trio.current_time() - started)
-        if started >= self._down_until:
-            self._recovered()
+        self._succeeded(op, started)
         return request.answer
 
     def _abandon(self, request: _Request) -> None:
