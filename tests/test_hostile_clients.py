@@ -122,7 +122,7 @@ def test_core_survives_hostile_input(
                 break
         upstream.feed(session.take_upstream_bytes())
         to_client += session.take_client_bytes()
-        assert len(session._client_buf) <= 65536 + 16  # memory stays bounded
+        assert len(session._buf) <= 65536 + 16  # memory stays bounded
     to_client += session.take_client_bytes()
     assert well_formed(bytes(to_client)), bytes(to_client)
     # Nothing smuggled: the upstream's own DATA framing saw at most as many

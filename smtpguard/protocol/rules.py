@@ -406,6 +406,16 @@ LOCAL_ANSWERS: dict[Verb, tuple[tuple[Condition, Reply | Answer], ...]] = {
     Verb.HELP: ((Condition.HELP_LOCAL, Answer.HELP),),
 }
 
+#: Verbs a command in sequence may be forwarded with and no local answer
+#: possible, but after STARTTLS (EHLO/HELO): the fast path's (the others
+#: need the facts of :data:`LOCAL_ANSWERS`, or are never forwarded).
+FAST_VERBS: frozenset[Verb] = frozenset(
+    verb
+    for verb in CLIENT_VERBS
+    if verb not in LOCAL_ONLY
+    and all(cond is Condition.REIDENTIFY for cond, _ in LOCAL_ANSWERS.get(verb, ()))
+)
+
 #: Local answers whose 2xx moves the state as the upstream's would.
 APPLIED_LOCALLY: frozenset[Answer] = frozenset({Answer.START_TLS, Answer.IDENTIFY})
 

@@ -18,9 +18,9 @@ from support.upstream import ScriptedUpstream
 from smtpguard.config import load
 from smtpguard.metrics import Metrics
 from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.events import PolicyAction
 from smtpguard.protocol.policy import Defence
 from smtpguard.protocol.rules import Phase
-from smtpguard.protocol.session import PolicyAction
 from smtpguard.proxy import Proxy
 
 # ---------------------------------------------------------------- the core

@@ -9,9 +9,9 @@ from support.driver import Peer, policy_actions
 from support.ehlo import EHLO_AUTH
 
 from smtpguard.protocol import bdat
+from smtpguard.protocol.events import MessageDone
 from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.rules import Phase
-from smtpguard.protocol.session import MessageDone
 
 
 def test_bdat_chunks_are_relayed_byte_exact() -> None:

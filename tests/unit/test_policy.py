@@ -10,8 +10,8 @@ from support.ehlo import EHLO_AUTH, EHLO_SIZE
 
 from smtpguard.config import load
 from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.events import PolicyAction
 from smtpguard.protocol.policy import Defence, Policy
-from smtpguard.protocol.session import PolicyAction
 
 
 def session(**policy: object) -> Session:

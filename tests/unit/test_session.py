@@ -6,8 +6,8 @@ import pytest
 from support.driver import Peer
 from support.ehlo import EHLO_AUTH, EHLO_FULL
 
+from smtpguard.protocol.events import LocalReply, MessageDone, Violation
 from smtpguard.protocol.rules import Phase, Verb
-from smtpguard.protocol.session import LocalReply, MessageDone, Violation
 
 
 def test_nothing_is_forwarded_before_the_greeting() -> None:
@@ -235,7 +235,7 @@ def test_long_line_gets_500_and_memory_stays_bounded() -> None:
     p.ready()
     for _ in range(100):
         p.client(b"A" * 1000)
-        assert len(p.s._client_buf) <= 1024
+        assert len(p.s._buf) <= 1024
     up, down = p.client(b"\r\nNOOP\r\n")
     assert down == b"500 5.5.2 Error: line too long\r\n"
     assert up == b"NOOP\r\n"
@@ -325,7 +325,7 @@ def test_local_replies_pipelined_behind_ehlo_use_the_codes_it_negotiates() -> No
 def test_a_run_of_nuls_at_a_line_start_does_not_stall_the_body() -> None:
     # Line mode (entered at the first NUL) holds back a line start made only
     # of NULs ("could still become a lone dot").  The hold-back is unbounded:
-    # 64 KiB of NULs are all kept in _client_buf, wants_client_bytes turns
+    # 64 KiB of NULs are all kept in the client buffer, wants_client_bytes turns
     # False and the I/O layer stops reading, so the line break that would
     # decide the line is never read: the session stalls until the data
     # timeout.  Expected: bytes that cannot change the verdict any more are

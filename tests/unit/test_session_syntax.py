@@ -15,8 +15,8 @@ from support.driver import Peer
 from support.postfix_probe import CORPUS
 
 from smtpguard.config import ConfigError, load
+from smtpguard.protocol.events import PolicyAction
 from smtpguard.protocol.policy import Action, Defence, Policy
-from smtpguard.protocol.session import PolicyAction
 
 REFUSED = frozenset({b"VRFY", b"EXPN", b"XDEBUG"})
 

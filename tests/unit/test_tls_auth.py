@@ -6,9 +6,9 @@ from support.driver import Peer
 from support.ehlo import EHLO_AUTH, EHLO_TLS_AUTH
 
 from smtpguard.protocol import Session, SessionOptions
+from smtpguard.protocol.events import Forwarded, PolicyAction, Violation
 from smtpguard.protocol.policy import Defence, Policy
 from smtpguard.protocol.rules import Verb
-from smtpguard.protocol.session import Forwarded, PolicyAction, Violation
 
 
 def greeted(**options: object) -> Session:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from support.driver import Peer
 from support.ehlo import EHLO_AUTH
 
-from smtpguard.protocol.session import MessageDone
+from smtpguard.protocol.events import MessageDone
 
 
 def test_unsolicited_421_in_the_same_read_as_a_reply_keeps_that_reply() -> None:

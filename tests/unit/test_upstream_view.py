@@ -9,9 +9,9 @@ from support.driver import Peer
 from support.ehlo import EHLO_CHUNKING, EHLO_NO_CHUNKING, EHLO_SERIAL
 
 from smtpguard.metrics import Metrics
+from smtpguard.protocol.events import MessageDone, UpstreamReplied, Violation
 from smtpguard.protocol.policy import Policy
 from smtpguard.protocol.rules import Phase, Verb
-from smtpguard.protocol.session import MessageDone, UpstreamReplied, Violation
 from smtpguard.summary import SessionSummary
 
 
