@@ -19,7 +19,7 @@ from .events import FORWARDED
 from .exchange import Exchange
 from .options import SessionOptions
 from .queue import Slot
-from .rules import Verb, must_end_transaction
+from .rules import Phase, Verb, must_end_transaction
 
 
 class MessageContent:
@@ -38,6 +38,15 @@ class MessageContent:
     def reading(self) -> bool:
         """True while client bytes are message content."""
         return self.body is not None or self.chunk is not None
+
+    @property
+    def under_way(self) -> bool:
+        """True while a message's content has started but not ended."""
+        if self.body is not None or self.chunk is not None:
+            return True
+        # BDAT ... LAST fully sent: the message is complete, only its reply is due.
+        ex = self._ex
+        return ex.state.phase is Phase.BDAT and not ex.queue.awaits(Verb.BDAT_LAST)
 
     # ------------------------------------------------------------- DATA
 

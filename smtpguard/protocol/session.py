@@ -36,14 +36,16 @@ from . import replies as R
 from .arguments import ArgumentGuard
 from .commands import Commands
 from .defences import Defences
-from .events import CloseReason, Event, LocalReply, replied
+from .events import CloseReason, Event, LocalReply
 from .exchange import Exchange
-from .framing import ReplyParser, UpstreamProtocolError, UpstreamReply
+from .framing import ReplyParser, UpstreamProtocolError
+from .lifecycle import Lifecycle
 from .lines import TOO_LONG, LineReader
 from .message import MessageContent
 from .options import SessionOptions
 from .policy import Action
 from .queue import Slot
+from .relay import Relay
 from .rules import Framing, Phase, State, Verb, framing_of
 from .starttls import StartTls
 
@@ -59,19 +61,17 @@ class Session:
     # Slots: one Session per connection, so its size is per-connection memory.
     __slots__ = (
         "_buf",
-        "_client_done",
         "_commands",
         "_defences",
         "_deferred",
         "_ex",
-        "_final",
+        "_life",
         "_lines",
         "_message",
         "_parser",
+        "_relay",
         "_syntax",
         "_tls",
-        "_upstream_replies",
-        "close_reason",
         "options",
     )
 
@@ -86,21 +86,17 @@ class Session:
             ex.queue.owed.append(first)
         ex.queue.inflight.append(first)
         ex.recompute()
-        self._deferred = greeting.Deferred()  # (deferred connect)
         self._lines = LineReader(self._buf)
-        self._upstream_replies = 0
-        self._defences = Defences(opts.policy, ex.events)
-        self._syntax = ArgumentGuard(opts.policy.syntax, ex.events)
-        self._tls = StartTls(ex, opts, self._defences, self._use)
-        self._message = MessageContent(ex, opts, self._defences)
-        parts = (self._defences, self._syntax, self._deferred, self._tls, self._message)
-        self._commands = Commands(ex, opts, parts, self._buf, self)
-        self._client_done = False
-        #: Set when a policy ends the session: the reply to send once every
-        #: owed reply is out (None: none), and the close reason.
-        self._final: tuple[R.Reply | None, CloseReason] | None = None
-        #: Why the session ended, once it has.
-        self.close_reason: CloseReason | None = None
+        # The parts, each acting on the exchange (see the module docstring).
+        self._deferred = deferred = greeting.Deferred()  # (deferred connect)
+        self._defences = defences = Defences(opts.policy, ex.events)
+        self._syntax = syntax = ArgumentGuard(opts.policy.syntax, ex.events)
+        self._tls = tls = StartTls(ex, opts, defences, self._use)
+        self._message = message = MessageContent(ex, opts, defences)
+        self._life = life = Lifecycle(ex, opts, (defences, message, tls), self._buf)
+        parts = (defences, syntax, deferred, tls, message)
+        self._commands = Commands(ex, opts, parts, self._buf, life)
+        self._relay = Relay(ex, opts, (deferred, tls, message), self._use, life.count_error)
 
     # ------------------------------------------------------------ outputs
 
@@ -130,9 +126,14 @@ class Session:
         return self._ex.state
 
     @property
+    def close_reason(self) -> CloseReason | None:
+        """Why the session ended, once it has."""
+        return self._life.close_reason
+
+    @property
     def closed(self) -> bool:
         """True once the session is over: flush the client bytes, then close."""
-        return self.close_reason is not None
+        return self._life.close_reason is not None
 
     @property
     def awaiting_upstream(self) -> bool:
@@ -153,11 +154,7 @@ class Session:
     @property
     def in_transaction_content(self) -> bool:
         """True while a message's content has started but not ended."""
-        if self._message.reading:
-            return True
-        # BDAT ... LAST fully sent: the message is complete, only its reply is due.
-        ex = self._ex
-        return ex.state.phase is Phase.BDAT and not ex.queue.awaits(Verb.BDAT_LAST)
+        return self._message.under_way
 
     @property
     def wants_client_bytes(self) -> bool:
@@ -167,7 +164,7 @@ class Session:
     @property
     def upstream_replies(self) -> int:
         """How many replies the upstream has sent (a progress counter)."""
-        return self._upstream_replies
+        return self._relay.replies
 
     @property
     def violations(self) -> int:
@@ -184,11 +181,6 @@ class Session:
         """STARTTLS was answered with 220: the I/O layer must now run the handshake."""
         return self._tls.pending
 
-    @property
-    def client_done(self) -> bool:
-        """The client sent its last bytes (or will not be read any more)."""
-        return self._client_done
-
     # ------------------------------------------------------------- inputs
 
     def receive_client(self, data: bytes | bytearray) -> None:
@@ -198,7 +190,8 @@ class Session:
             if found is not None:
                 self._commands.pass_on(found[0], found[1], None)
                 return
-        if self.close_reason is not None or self._client_done:
+        life = self._life
+        if life.close_reason is not None or life.client_done:
             return
         if self._tls.pending:
             self._tls.injection("plaintext after STARTTLS, before the TLS handshake")
@@ -219,45 +212,40 @@ class Session:
             and self.options.policy.pipelining is not Action.OBSERVE
         ):
             # Bytes that arrived too early: answer what is owed, then end.
-            self.end_after_replies(P.SYNC_ERROR)
+            life.end_after_replies(P.SYNC_ERROR)
             return
         self._buf += data
         self._process_client()
-        self._maybe_finish()
+        life.maybe_finish()
 
     def receive_upstream(self, data: bytes | bytearray) -> None:
         """Bytes from the upstream."""
-        if self.close_reason is not None:
+        life = self._life
+        if life.close_reason is not None:
             return
         try:
             replies = self._parser.feed(data)
         except UpstreamProtocolError:
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
+            life.fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
             return
         for reply in replies:
-            self._on_upstream_reply(reply)
-            if self.close_reason is not None:
+            ending = self._relay.reply(reply)
+            if ending is not None:
+                last, reason = ending
+                if last is None:
+                    life.close_reason = reason
+                else:
+                    life.fail(last, reason)
+            if life.close_reason is not None:
                 return
         self._ex.flush()
         if self._buf or self._ex.queue.held is not None or self._message.chunk is not None:
             self._process_client()  # (nothing to do for it otherwise)
-        self._maybe_finish()
+        life.maybe_finish()
 
     def client_eof(self) -> None:
         """The client closed its side (or vanished)."""
-        if self.closed:
-            return
-        if self.in_transaction_content:
-            # Never complete a message the client did not finish: the I/O
-            # layer closes the upstream without sending anything more.
-            self._ex.abandon_message()
-            self._ex.to_upstream.clear()
-            self.close_reason = _C.CLIENT_CLOSED
-            return
-        # A client may half-close after its last command (printf ... | nc -N):
-        # answer what it sent, as Postfix does, then close.
-        self._client_done = True
-        self._maybe_finish()
+        self._life.client_eof()
 
     def tls_started(self) -> None:
         """The TLS handshake with the client completed; read commands again."""
@@ -265,45 +253,35 @@ class Session:
 
     def abort(self, reason: str) -> None:
         """Close at once (the client is gone or stuck): nothing more is sent upstream."""
-        if self.closed:
-            return
-        if self.in_transaction_content:
-            self._ex.abandon_message()
-        self._ex.to_upstream.clear()
-        self.close_reason = CloseReason(reason)
+        self._life.abort(reason)
 
     def upstream_eof(self) -> None:
         """The upstream closed its side."""
-        if self.closed:
-            return
-        if self._ex.state.phase is Phase.CLOSED:
-            self.close_reason = _C.QUIT
-            return
-        self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_CLOSED)
+        self._life.upstream_eof()
 
     def refuse(self, reply: R.Reply) -> None:
         """Turn the client away before any upstream exists (limits): ``reply`` and close."""
-        self._fail(reply, _C.POLICY)
+        self._life.fail(reply, _C.POLICY)
 
     def upstream_busy(self) -> None:
         """No upstream slot came free in time (upstream_limits): 421 and close."""
-        self._fail(R.UPSTREAM_BUSY, _C.UPSTREAM_BUSY)
+        self._life.fail(R.UPSTREAM_BUSY, _C.UPSTREAM_BUSY)
 
     def upstream_refused(self) -> None:
         """The upstream could not be reached: 421 and close."""
-        self._fail(R.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_REFUSED)
+        self._life.fail(R.UPSTREAM_UNAVAILABLE, _C.UPSTREAM_REFUSED)
 
     def client_timeout(self) -> None:
         """The client sent no complete command in time."""
-        self._fail(R.CLIENT_TIMEOUT, _C.CLIENT_TIMEOUT)
+        self._life.fail(R.CLIENT_TIMEOUT, _C.CLIENT_TIMEOUT)
 
     def upstream_timeout(self) -> None:
         """The upstream did not answer in time."""
-        self._fail(R.UPSTREAM_TIMEOUT, _C.UPSTREAM_TIMEOUT)
+        self._life.fail(R.UPSTREAM_TIMEOUT, _C.UPSTREAM_TIMEOUT)
 
     def shutdown(self) -> None:
         """The service is stopping: 421 and close."""
-        self._fail(R.SHUTTING_DOWN, _C.SHUTDOWN)
+        self._life.fail(R.SHUTTING_DOWN, _C.SHUTDOWN)
 
     # ------------------------------------------------- deferred connect
 
@@ -337,147 +315,22 @@ class Session:
         first = self._deferred.judge_once(self._buf, self.options.command_line_limit)
         if first is greeting.FirstLine.QUIT:
             self._buf.clear()
-            self.local(Verb.QUIT, R.BYE)
-            self.close_reason = _C.QUIT
+            self._life.local(Verb.QUIT, R.BYE)
+            self._life.close_reason = _C.QUIT
         elif first is greeting.FirstLine.TLS:
-            self.non_smtp("TLS handshake on a plaintext port")
+            self._life.non_smtp("TLS handshake on a plaintext port")
         elif first is greeting.FirstLine.HTTP:
-            self.non_smtp("HTTP request or header line as a command")
-
-    # ---------------------------------------------------------- endings
-
-    def local(self, verb: Verb, reply: R.Reply, /, **fields: str) -> None:
-        """Answer ``verb`` locally; error replies count toward the error limit."""
-        self._ex.local(verb, reply, fields)
-        if reply.code >= 400 and reply.code != 421:
-            self._count_error()
-
-    def end_after_replies(self, reply: R.Reply | None, reason: CloseReason = _C.POLICY) -> None:
-        """Stop reading the client; once owed replies are out, send ``reply`` and close."""
-        self._client_done = True
-        self._ex.queue.held = None  # the final reply (a 421) answers it (RFC 5321 3.8)
-        self._buf.clear()
-        if self._final is None:
-            self._final = (reply, reason)
-        self._maybe_finish()
-
-    def non_smtp(self, detail: str) -> bool:
-        """Not an SMTP client; True if the session ends here."""
-        if not self._defences.non_smtp(detail):
-            return False
-        if detail.startswith("TLS"):
-            self.abort(_C.POLICY)  # a text reply means nothing to a TLS client
-        else:
-            self._fail(P.NON_SMTP_COMMAND, _C.POLICY)
-        return True
-
-    def _maybe_finish(self) -> None:
-        queue = self._ex.queue
-        # An internal reply still owed (deferred connect: the upstream's
-        # greeting) comes before anything buffered is answered.
-        if queue.owed or queue.inflight or queue.held is not None or self.closed:
-            return
-        if self._final is not None:
-            reply, reason = self._final
-            if reply is not None:
-                self._ex.say(reply, self.options.hostname)
-            if self.in_transaction_content:
-                self.abort(reason)
-            else:
-                self.close_reason = reason
-        elif self._client_done:
-            self.abort(_C.CLIENT_CLOSED)
-
-    def _fail(self, reply: R.Reply, reason: CloseReason) -> None:
-        """Send the replies already known, then ``reply``, then close."""
-        if self.closed:
-            return
-        ex = self._ex
-        ex.flush()
-        if self.in_transaction_content:
-            ex.abandon_message()
-        if not self._tls.pending:
-            ex.say(reply, self.options.hostname)
-        # else: after "220 Ready to start TLS" the client reads TLS records:
-        # a plaintext reply would be garbage to it; the session just closes.
-        ex.to_upstream.clear()
-        self.close_reason = reason
+            self._life.non_smtp("HTTP request or header line as a command")
 
     def _early_talk(self) -> bool:
         """Bytes before the greeting; False if they must be dropped."""
         action = self._defences.early_talk()
         if action is Action.DISCONNECT:
-            self._fail(P.EARLY_TALKER, _C.POLICY)
+            self._life.fail(P.EARLY_TALKER, _C.POLICY)
             return False
         return action is Action.OBSERVE
 
-    def _count_error(self) -> None:
-        """Postfix's hard error limit: too many error replies end the session."""
-        if self._defences.error_reply():
-            self.end_after_replies(P.TOO_MANY_ERRORS)
-
     # --------------------------------------------------- upstream replies
-
-    def _on_upstream_reply(self, reply: UpstreamReply) -> None:
-        ex = self._ex
-        inflight = ex.queue.inflight
-        how = upstream.disposition(inflight[0] if inflight else None, reply.code)
-        if how is _UNSOLICITED:
-            # A 421 nobody asked for: relayed, and the session closes.
-            ex.flush()
-            if self.in_transaction_content:
-                ex.abandon_message()
-            ex.to_upstream.clear()
-            if not self._tls.pending:  # no plaintext into a TLS handshake
-                ex.to_client += reply.raw
-            self.close_reason = _C.UPSTREAM_CLOSED
-            return
-        if how is not _RELAY and how is not _INTERNAL:
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-            return
-        slot = inflight.popleft()
-        step = slot.step
-        cls = reply.code // 100
-        ex.replied(step, cls)
-        self._upstream_replies += 1
-        if how is _INTERNAL:
-            self._internal_reply(slot, reply)
-            return
-        ex.events.append(replied(step, reply.code))
-        if cls >= 4 and reply.code != 421:
-            self._count_error()
-        slot.reply = self._relayed(slot, reply)
-        if ex.state.phase is Phase.DATA:
-            self._message.open_body()
-        ex.recompute()
-        if reply.code == 421 or ex.state.phase is Phase.CLOSED:
-            ex.flush()
-            self.close_reason = _C.QUIT if step is Verb.QUIT else _C.UPSTREAM_CLOSED
-
-    def _internal_reply(self, slot: Slot, reply: UpstreamReply) -> None:
-        self._ex.recompute()
-        if slot.step is Verb.GREETING:
-            self._ex.events.append(replied(Verb.GREETING, reply.code))
-        outcome = upstream.internal(slot.step, reply, self._deferred)
-        if outcome is upstream.Internal.CLOSE:
-            self._ex.to_client += reply.raw  # closing: say why, as the upstream would
-            self.close_reason = _C.UPSTREAM_CLOSED
-        elif outcome is upstream.Internal.BROKEN:
-            self._fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
-
-    def _relayed(self, slot: Slot, reply: UpstreamReply) -> bytes:
-        """What the client gets for ``reply`` (the EHLO reply is rewritten)."""
-        step = slot.step
-        if step is Verb.EHLO or step is Verb.HELO:
-            learnt = upstream.identified(step, reply, self.options, self._ex.state.tls)
-            if learnt is not None:
-                # The upstream's EHLO reply answers the EHLO after STARTTLS.
-                self._tls.upstream_ehlo = reply.lines if step is Verb.EHLO else None
-                self._use(learnt[1])
-                return learnt[0]
-        elif step is Verb.DATA_END or step is Verb.BDAT_LAST:
-            self._ex.events.append(upstream.message_done(slot, reply.code, self._ex.txn))
-        return reply.raw
 
     def _use(self, caps: ehlo.Capabilities) -> None:
         """What the client was shown (and may use) from now on."""
@@ -487,7 +340,8 @@ class Session:
     # --------------------------------------------------- client framing
 
     def _process_client(self) -> None:
-        while self.close_reason is None and self._final is None and not self._tls.pending:
+        life = self._life
+        while life.close_reason is None and life.final is None and not self._tls.pending:
             if not self._step_client():
                 return
 
@@ -503,10 +357,10 @@ class Session:
             if self._buf:
                 refused = message.read_chunk(self._buf)
                 if refused is not None:
-                    self._fail(refused, _C.POLICY)
+                    self._life.fail(refused, _C.POLICY)
                 return True
-            if self._client_done:
-                self.abort(_C.CLIENT_CLOSED)  # the chunk can never complete
+            if self._life.client_done:
+                self._life.abort(_C.CLIENT_CLOSED)  # the chunk can never complete
             return False
         if not self._buf or self._ex.state.phase is Phase.GREETING:
             return False  # (no early talking to the upstream)
@@ -514,7 +368,7 @@ class Session:
         if framing is Framing.BODY:
             done = message.read_body(self._buf)
             if isinstance(done, R.Reply):
-                self._fail(done, _C.POLICY)
+                self._life.fail(done, _C.POLICY)
                 return False
             return done
         if framing is Framing.COMMAND or framing is Framing.SASL:
@@ -528,7 +382,7 @@ class Session:
         if (
             not sasl
             and self._buf.startswith(P.TLS_HANDSHAKE_PREFIX)
-            and self.non_smtp("TLS handshake on a plaintext port")
+            and self._life.non_smtp("TLS handshake on a plaintext port")
         ):
             return False
         taken = self._take_line(opts.max_sasl_line_bytes if sasl else opts.command_line_limit, sasl)
@@ -540,7 +394,7 @@ class Session:
                 line = b"*"  # cancel the exchange (RFC 4954 4) and relay its 501
             self._ex.forward(Verb.AUTH, Verb.AUTH_RESPONSE, line)
         elif (bare or b"\r" in line) and not self._defences.bare_command(bare, b"\r" in line):
-            self.local(Verb.UNKNOWN, P.BARE_NEWLINE_COMMAND)
+            self._life.local(Verb.UNKNOWN, P.BARE_NEWLINE_COMMAND)
         elif not self._ex.queue.owed or self._commands.in_sync(line):
             self._commands.line(line)
         return True
@@ -557,21 +411,21 @@ class Session:
                 # exchange (RFC 4954 4) and relay its 501.
                 self._ex.forward(Verb.AUTH, Verb.AUTH_RESPONSE, b"*")
                 return None
-            self.local(Verb.UNKNOWN, R.LINE_TOO_LONG)
+            self._life.local(Verb.UNKNOWN, R.LINE_TOO_LONG)
 
     def _ready_for_fast_path(self) -> bool:
         """Nothing owed, nothing buffered, nothing unusual: a command alone
         on the wire may take :meth:`.commands.Commands.fast_line`."""
-        queue = self._ex.queue
+        queue, life = self._ex.queue, self._life
         return not (
             queue.owed
             or queue.inflight
             or self._buf
             or self._message.reading
-            or self.close_reason is not None
-            or self._client_done
+            or life.close_reason is not None
+            or life.client_done
             or self._tls.pending
-            or self._final is not None
+            or life.final is not None
             or self._lines.discarding
             or self._deferred.refusal is not None
         )
