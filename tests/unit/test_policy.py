@@ -282,9 +282,9 @@ def test_hard_error_limit_reached_while_a_command_is_held_still_ends_the_session
     # Postfix's smtpd_hard_error_limit: once reached, 421 and disconnect.  Here
     # the limit is reached by the upstream's 550 to a pipelined MAIL while the
     # RCPT behind it is held (its verdict depended on that reply).
-    # _end_after_replies sets _final, and from then on _process_client never
-    # decides the held RCPT (its loop stops on `_final is not None`) while
-    # _maybe_finish waits for `_held is None`: nothing ever happens again, the
+    # end_after_replies sets the final reply, and from then on _process_client never
+    # decides the held RCPT (its loop stops on `final is not None`) while
+    # maybe_finish waits for `held is None`: nothing ever happens again, the
     # 421 is never sent and the session hangs until the client timeout.
     p = Peer(policy=Policy(hard_error_limit=1))
     p.ready(EHLO_AUTH)
@@ -300,11 +300,11 @@ def test_hard_error_limit_reached_while_a_command_is_held_still_ends_the_session
 def test_a_held_command_reports_its_policy_action_once() -> None:
     # Serial upstream (no PIPELINING upstream), observe-mode limits: a MAIL
     # whose SIZE is above the limit is reported by _mail_size_ok inside
-    # _decide, which then holds the MAIL (RSET still in flight).  Every
+    # Commands.decide, which then holds the MAIL (RSET still in flight).  Every
     # re-decision of the held command (once more in the same _process_client
     # loop, once per upstream reply) reports it again: 3 events for one
     # command, so smtpguard_policy_actions_total overcounts.  The same root
-    # cause (side effects in _decide before a hold) duplicates Violation
+    # cause (side effects in Commands.decide before a hold) duplicates Violation
     # events for a STARTTLS held in observe mode and the recipients limit.
     p = Peer(
         upstream_pipelining=False,

@@ -12,9 +12,9 @@ from smtpguard.protocol.events import MessageDone
 
 def test_unsolicited_421_in_the_same_read_as_a_reply_keeps_that_reply() -> None:
     # The upstream accepts the message and, in the same segment, announces its
-    # own shutdown with an unsolicited 421 (RFC 5321 3.8).  _on_upstream_reply
+    # own shutdown with an unsolicited 421 (RFC 5321 3.8).  Relay.reply
     # fills the DATA_END slot, then handles the 421 (no reply in flight) by
-    # appending it to _to_client and closing, without flushing the slots
+    # appending it to the client bytes and closing, without flushing the slots
     # first (receive_upstream returns at once on `closed`).  The client never
     # sees the 250 that accepted its message - it will retry, and the
     # message is delivered twice.  Expected: every reply owed goes out, then
@@ -44,10 +44,10 @@ def test_a_3xx_greeting_is_an_upstream_protocol_error() -> None:
 
 
 def test_unsolicited_421_mid_data_reports_the_message_aborted() -> None:
-    # Every other way a session ends mid-body (_fail, abort, client_eof)
+    # Every other way a session ends mid-body (fail, abort, client_eof)
     # reports MessageDone("aborted"); the unsolicited-421 branch of
-    # _on_upstream_reply does not, so smtpguard_messages_total{outcome}
-    # misses the message.  It also leaves _to_upstream as it is, while the
+    # Relay.reply does not, so smtpguard_messages_total{outcome}
+    # misses the message.  It also left the upstream bytes as they were, while the
     # other paths clear it.
     p = Peer()
     p.ready(EHLO_AUTH)
