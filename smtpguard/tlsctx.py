@@ -122,11 +122,6 @@ def ticket_keys() -> bytes:
     return _PROCESS_TICKET_KEYS
 
 
-def share_ticket_keys() -> None:
-    """Called by the supervisor before it starts workers: they inherit the keys."""
-    os.environ[TICKET_KEYS_ENV] = ticket_keys().hex()
-
-
 def set_ciphers(context: ssl.SSLContext, ciphers: str, key: str) -> None:
     try:
         context.set_ciphers(ciphers)

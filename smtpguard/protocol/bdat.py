@@ -33,17 +33,6 @@ def parse(line: bytes) -> Bdat | None:
     return Bdat(int(parts[1]), last)
 
 
-class Chunk:
-    """One chunk being read: ``remaining`` bytes, relayed or dropped."""
-
-    __slots__ = ("remaining", "forward")
-
-    def __init__(self, size: int, forward: bool) -> None:
-        self.remaining = size
-        #: False: answered locally, the bytes are read and dropped.
-        self.forward = forward
-
-
 def bare_breaks(tail: bytes, piece: bytes) -> tuple[bool, bytes]:
     """Whether ``piece`` (after ``tail``, a CR ending the previous piece, or
     b"") holds a bare CR or LF; and the tail for the next piece."""

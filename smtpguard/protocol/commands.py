@@ -44,6 +44,7 @@ from .options import SessionOptions
 from .policy import Action, Defence
 from .queue import Slot
 from .rules import (
+    APPLIED_LOCALLY,
     EXTENSION_OF,
     FAST_VERBS,
     FRAMING,
@@ -51,6 +52,7 @@ from .rules import (
     LOCAL_ANSWERS,
     LOCAL_ONLY,
     VERB_BY_NAME,
+    WAIT_FOR_REPLIES,
     Answer,
     Facts,
     Framing,
@@ -238,12 +240,14 @@ class Commands:
         elif answer is Answer.HELP:
             ex.events.append(LocalReply(Verb.HELP, 214))
             ex.push(Slot(Verb.HELP, Verb.HELP, local.help_reply(line, self._options)))
-        elif ex.queue.inflight:
+        elif answer in WAIT_FOR_REPLIES and ex.queue.inflight:
             return False  # it changes the state the replies in flight apply to
         elif answer is Answer.START_TLS:
             self._tls.start(self._buf)
         else:
             self._tls.identify(verb)
+        if answer in APPLIED_LOCALLY:
+            ex.apply_locally(verb)
         return True
 
     # ------------------------------------------------------- forwarding

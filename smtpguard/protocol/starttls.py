@@ -4,8 +4,9 @@ The upstream never sees the client's STARTTLS: smtpguard answers 220, the
 I/O layer runs the handshake, and the upstream's session goes on as it was.
 So after the handshake the client's EHLO must be answered here, from the
 upstream's last EHLO reply (RFC 3207 4.2: the client must not rely on what
-it learnt before TLS).  Whether STARTTLS is answered at all is a rule
-(:data:`.rules.LOCAL_ANSWERS`); this part carries it out.
+it learnt before TLS).  Whether STARTTLS is answered at all, and how its
+220 moves the state, are rules (:data:`.rules.LOCAL_ANSWERS`,
+:data:`.rules.APPLIED_LOCALLY`); this part carries the answers out.
 """
 
 from __future__ import annotations
@@ -56,7 +57,6 @@ class StartTls:
         ex = self._ex
         ex.local(Verb.STARTTLS, R.STARTTLS_READY, {})
         self.reidentify = self.upstream_ehlo is not None
-        ex.apply_locally(Verb.STARTTLS)
         self._use(ehlo.after_starttls(ex.caps))
         self.pending = True
 
@@ -67,7 +67,6 @@ class StartTls:
         self.reidentify = False
         data, caps = local.identify(verb, self.upstream_ehlo, self._options, ex.state.tls)
         self._use(caps)
-        ex.apply_locally(verb)
         ex.events.append(LocalReply(verb, 250))
         ex.push(Slot(verb, verb, data))
 

@@ -263,7 +263,7 @@ def test_starttls_drops_plaintext_pipelined_behind_it() -> None:
     p.tls.start(p.buf)
     assert p.buf == b"" and p.tls.pending and p.tls.reidentify
     assert p.ex.take_client() == b"220 Ready to start TLS\r\n"
-    assert p.ex.state.tls and p.ex.state.phase is Phase.CONNECTED
+    assert not p.ex.caps.offered  # RFC 3207 4.2: the client forgets
 
 
 def test_starttls_identify_answers_from_the_upstreams_ehlo() -> None:
@@ -273,7 +273,7 @@ def test_starttls_identify_answers_from_the_upstreams_ehlo() -> None:
     p.tls.identify(Verb.EHLO)
     assert not p.tls.reidentify
     assert p.ex.take_client().startswith(b"250-")
-    assert p.ex.state.phase is Phase.READY and p.ex.take_upstream() == b""
+    assert p.used and p.ex.take_upstream() == b""
 
 
 # ------------------------------------------------------------- commands
@@ -304,3 +304,19 @@ def test_commands_fast_line_takes_only_a_whole_line_in_sequence() -> None:
     assert p.commands.fast_line(b"RCPT TO:<c@d.example>\r\n") is None  # out of sequence
     assert p.commands.fast_line(b"MAIL FROM:<a@b.example>") is None  # no CRLF
     assert p.commands.fast_line(b"HELP\r\n") is None  # a local answer is possible
+
+
+def test_commands_starttls_moves_the_state_as_the_upstreams_220_would() -> None:
+    p = Parts()
+    p.options = options = SessionOptions(tls_offered=True)
+    p.commands = Commands(
+        p.ex, options, (p.defences, p.syntax, p.deferred, p.tls, p.message), p.buf, p.life
+    )
+    p.ex.forward(Verb.NOOP, Verb.NOOP, b"NOOP")
+    p.commands.line(b"STARTTLS")
+    assert not p.tls.pending  # waits: a reply in flight applies to the old state
+    assert p.ex.queue.held == (Verb.STARTTLS, b"STARTTLS")
+    p.ex.queue.inflight.popleft().reply = b"250 ok\r\n"
+    p.ex.recompute()
+    assert p.commands.decide(Verb.STARTTLS, b"STARTTLS")
+    assert p.tls.pending and p.ex.state == State(Phase.CONNECTED, tls=True)
