@@ -698,10 +698,12 @@ class RedisStore:
     async def _greet(self) -> None:
         """PING, and load the scripts (this Redis may be new, or back from a
         restart that lost them), in one round trip: the batches then call
-        them by SHA1 without a NOSCRIPT first."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.ping()
+        them by SHA1 without a NOSCRIPT first.  The PING alone decides: a
+        load refused here (an ACL) is tried again on NOSCRIPT."""
+        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            pong = pipe.ping()
             _load_scripts(pipe)
+        await pong
 
     async def _sync(self) -> None:
         pending, self._pending = self._pending, {}

@@ -141,10 +141,11 @@ async def test_a_batch_whose_scripts_cannot_be_loaded_again_fails_open_and_recov
         assert not store.up
         assert redis.cli("ZCARD", SLOTS) == "0"  # the ZREM went before the calls
         assert registry.get_sample_value("smtpguard_store_errors_total", {"op": "connect"}) == 1
+        # The probe's PING alone brings it back (its SCRIPT LOAD is refused).
+        up = {"store": "redis"}
+        await wait_for(lambda: registry.get_sample_value("smtpguard_store_up", up) == 1)
     finally:
         redis.cli("ACL", "SETUSER", "default", "+script|load")
-    up = {"store": "redis"}
-    await wait_for(lambda: registry.get_sample_value("smtpguard_store_up", up) == 1)
     verdict = await store.connect("198.51.100.5", 0, 5, False)
     assert verdict is not None and verdict.refusal is None
     assert redis.cli("ZCARD", "smtpguard:{198.51.100.5}:sessions") == "1"
