@@ -34,6 +34,13 @@ would with no store, ``smtpguard_store_up`` is 0 and
 ``smtpguard_store_errors_total{op}`` counts the failure.  The background task
 pings Redis to bring it back.  This is failing open: mail flows.
 
+**Scripts** are called by their SHA1 (``EVALSHA``) in the pipelines, so a
+batch is one round trip.  They are loaded (``SCRIPT LOAD``) with the first
+PING and with every PING that brings the store back; if Redis lost them
+meanwhile (``SCRIPT FLUSH``, a restart or a failover between two batches),
+the calls it refused with NOSCRIPT did not run: the scripts are loaded and
+those calls sent again once, within the same timeout.
+
 Time in Redis is Redis's own (``TIME`` in the scripts), so the instances'
 clocks do not need to agree.  Keys carry a hash tag (``{...}``) so that a
 script's keys share one slot (Redis Cluster).
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import itertools
 import logging
 import math
@@ -50,12 +58,12 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import coredis
 import trio
-from coredis.commands.script import Script
+from coredis.exceptions import NoScriptError
 from coredis.retry import NoRetryPolicy
 
 from .config import StoreSettings
@@ -101,11 +109,32 @@ class Refusal(enum.Enum):
     CONCURRENCY = 3  #: over the concurrent sessions per client
 
 
+@dataclass(frozen=True, slots=True)
+class _Lua:
+    """A Lua script, called by its SHA1 (``EVALSHA``, inside the pipelines):
+    Redis keeps it once loaded (``SCRIPT LOAD``), until a restart, a failover
+    to a replica that never saw it, or ``SCRIPT FLUSH``.  coredis's own
+    ``Script`` asks ``SCRIPT EXISTS`` before every pipeline that calls one: a
+    second round trip per batch."""
+
+    source: str
+    #: What Redis names it by: the SHA1 of the source (``SCRIPT LOAD``
+    #: answers the same).
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+#: A script call: the script, its keys, its arguments.
+_Call = tuple[_Lua, list[str], list[str | int]]
+
+
 # KEYS: penalty, connection log, sessions, message log, recipient log.
 # ARGV: rate limit, concurrency limit, member, lease ms, observe (1: record
 # everything, refuse nothing).  Returns {refusal (0: none), penalty ms left,
 # the fleet's messages and recipients of the last minute}.
-_CONNECT = """
+_CONNECT = _Lua("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local observe = ARGV[5] == '1'
@@ -141,10 +170,10 @@ for i = 4, 5 do
   counts[i - 3] = redis.call('ZCARD', KEYS[i])
 end
 return {verdict, math.max(left, 0), counts[1], counts[2]}
-"""
+""")
 
 # KEYS: the upstream's slots.  ARGV: max sessions, member, lease ms.
-_SLOT = """
+_SLOT = _Lua("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -152,11 +181,11 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return 1
-"""
+""")
 
 # KEYS: a rate log.  ARGV: new events, member prefix.  Returns the fleet's
 # count within the last 60 s.
-_COUNT = """
+_COUNT = _Lua("""
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
@@ -165,11 +194,11 @@ for i = 1, tonumber(ARGV[1]) do
 end
 redis.call('PEXPIRE', KEYS[1], 60000)
 return redis.call('ZCARD', KEYS[1])
-"""
+""")
 
 # KEYS: violations log, penalty.  ARGV: count, needed, window ms, penalty
 # ms, member prefix.  Returns 1 when this call put the key in the box.
-_VIOLATIONS = """
+_VIOLATIONS = _Lua("""
 if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -183,7 +212,21 @@ if redis.call('ZCARD', KEYS[1]) < needed then return 0 end
 redis.call('DEL', KEYS[1])
 if redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[4]), 'NX') then return 1 end
 return 0
-"""
+""")
+
+
+# KEYS: a sorted set of leases.  ARGV: member, lease ms.  Adds the member
+# again if Redis lost it (a restart, a failover): it is still live here.
+_RENEW = _Lua("""
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+return 1
+""")
+
+#: Every script, loaded again together when Redis has lost them.
+_SCRIPTS = (_CONNECT, _SLOT, _COUNT, _VIOLATIONS, _RENEW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +243,7 @@ class _Request:
 
     def __init__(
         self,
-        script: Script[bytes],
+        script: _Lua,
         keys: list[str],
         args: list[str | int],
         claim: tuple[str, str] | None,
@@ -238,10 +281,6 @@ class RedisStore:
         self._local_counts = local_counts
         self._sentinel: coredis.Sentinel[bytes] | None = None
         self._client = client or self._new_client(settings)
-        self._connect = self._client.register_script(_CONNECT)
-        self._slot = self._client.register_script(_SLOT)
-        self._count = self._client.register_script(_COUNT)
-        self._violations = self._client.register_script(_VIOLATIONS)
         #: This process, fleet-wide unique: members are "<process>:<n>".
         self.process = f"{socket.gethostname()}:{os.getpid()}:{time.monotonic_ns() % 10**6}"
         self._numbers = itertools.count(1)
@@ -345,7 +384,7 @@ class RedisStore:
     async def _script(
         self,
         op: Op,
-        script: Script[bytes],
+        script: _Lua,
         keys: list[str],
         args: list[str | int],
         claim: tuple[str, str] | None = None,
@@ -423,19 +462,12 @@ class RedisStore:
     ) -> None:
         lease_ms = int(LEASE_SECONDS * 1000)
 
+        calls: list[_Call] = [(_RENEW, [set_key], [name, lease_ms]) for set_key, name in renew]
+        calls += [(r.script, r.keys, r.args) for r in batch]
+        calls += self._count_calls(counts)
+
         async def send() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                # Releases first: a slot freed is there for the calls after it.
-                for set_key, name in release:
-                    pipe.zrem(set_key, [name])
-                for set_key, name in renew:
-                    pipe.eval(_RENEW, keys=[set_key], args=[name, lease_ms])
-                pending = [_eval(r.script, r.keys, r.args, pipe) for r in batch]
-                pending += [
-                    _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
-                    for (kind, key), n in counts.items()
-                ]
-            return [await answer for answer in pending]
+            return (await self._pipeline(release, calls))[len(renew) :]
 
         failure: BaseException | None = None
         answers: list[Any] = []
@@ -468,6 +500,43 @@ class RedisStore:
             for (kind, key), total in zip(counts, answers[len(batch) :], strict=True):
                 self._fleet(kind, key, int(total))
 
+    async def _pipeline(self, release: list[tuple[str, str]], calls: list[_Call]) -> list[Any]:
+        """``release`` (ZREM) then ``calls`` (EVALSHA) in one pipeline: the
+        calls' answers.  Raises the first error but NOSCRIPT: a call refused
+        NOSCRIPT did not run (Redis lost the scripts: a restart, a failover,
+        ``SCRIPT FLUSH``), so the scripts are loaded again and those calls
+        alone are sent once more.  Calls that ran are not sent twice (a count
+        would be pushed twice, a penalty logged by nobody)."""
+        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            # Releases first: a slot freed is there for the calls after it.
+            for set_key, name in release:
+                pipe.zrem(set_key, [name])
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, keys=keys, args=args)
+        results = list(pipe.results or ())
+        for result in results:
+            if isinstance(result, Exception) and not isinstance(result, NoScriptError):
+                raise result
+        answers = results[len(release) :]
+        lost = [i for i, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
+        if lost:
+            log.info("store scripts loaded again", extra=fields(calls=len(lost)))
+            async with self._client.pipeline(transaction=False) as pipe:
+                _load_scripts(pipe)  # before the calls: one connection, in order
+                again = [
+                    pipe.evalsha(calls[i][0].sha, keys=calls[i][1], args=calls[i][2]) for i in lost
+                ]
+            for i, request in zip(lost, again, strict=True):
+                answers[i] = await request
+        return answers
+
+    def _count_calls(self, counts: dict[tuple[str, str], int]) -> list[_Call]:
+        """The calls pushing ``counts`` (new events per kind and key)."""
+        return [
+            (_COUNT, [self._key(kind, key)], [n, self._member()])
+            for (kind, key), n in counts.items()
+        ]
+
     def _key(self, kind: str, key: str) -> str:
         return f"{self.settings.key_prefix}{{{key}}}:{kind}"
 
@@ -485,7 +554,7 @@ class RedisStore:
         keys = [self._key(k, key) for k in names]
         args: list[str | int] = [rate, most, member, int(LEASE_SECONDS * 1000), int(observe)]
         claim = (keys[2], member) if most else None
-        answer = await self._script(Op.CONNECT, self._connect, keys, args, claim)
+        answer = await self._script(Op.CONNECT, _CONNECT, keys, args, claim)
         if answer is None:
             return None
         verdict = int(answer[0])
@@ -517,7 +586,7 @@ class RedisStore:
         member = self._member()
         key = self._key("slots", upstream)
         args: list[str | int] = [max_sessions, member, int(LEASE_SECONDS * 1000)]
-        answer = await self._script(Op.UPSTREAM_SLOT, self._slot, [key], args, (key, member))
+        answer = await self._script(Op.UPSTREAM_SLOT, _SLOT, [key], args, (key, member))
         if answer is None:
             return None
         if not answer:
@@ -569,7 +638,7 @@ class RedisStore:
             int(seconds * 1000),
             self._member(),
         ]
-        answer = await self._script(Op.VIOLATIONS, self._violations, keys, args)
+        answer = await self._script(Op.VIOLATIONS, _VIOLATIONS, keys, args)
         if answer is None:
             return None
         return bool(answer)
@@ -596,7 +665,7 @@ class RedisStore:
     async def _loop(self, renewed: float) -> None:
         synced = -math.inf
         contacted = trio.current_time()
-        await self._call(Op.PING, self._client.ping)  # smtpguard_store_up from the start
+        await self._call(Op.PING, self._greet)  # smtpguard_store_up from the start
         while True:
             with trio.move_on_after(IDLE_SECONDS):
                 await self._wake.wait()
@@ -624,46 +693,33 @@ class RedisStore:
     async def _probe(self) -> None:
         if trio.current_time() < self._down_until:
             await trio.sleep_until(self._down_until)
-        await self._call(Op.PING, self._client.ping)  # brings it back if it answers
+        await self._call(Op.PING, self._greet)  # brings it back if it answers
+
+    async def _greet(self) -> None:
+        """PING, and load the scripts (this Redis may be new, or back from a
+        restart that lost them), in one round trip: the batches then call
+        them by SHA1 without a NOSCRIPT first.  The PING alone decides: a
+        load refused here (an ACL) is tried again on NOSCRIPT."""
+        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            pong = pipe.ping()
+            _load_scripts(pipe)
+        await pong
 
     async def _sync(self) -> None:
         pending, self._pending = self._pending, {}
         if not pending:
             return
 
-        async def batch() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                answers = [
-                    _eval(self._count, [self._key(kind, key)], [n, self._member()], pipe)
-                    for (kind, key), n in pending.items()
-                ]
-            return [await a for a in answers]
-
-        totals = await self._call(Op.SYNC, batch)
+        calls = self._count_calls(pending)
+        totals = await self._call(Op.SYNC, lambda: self._pipeline([], calls))
         if totals is None:
             return
         for (kind, key), total in zip(pending, totals, strict=True):
             self._fleet(kind, key, int(total))
 
 
-def _eval(
-    script: Script[bytes],
-    keys: list[str],
-    args: list[str | int],
-    client: coredis.client.Client[bytes] | None = None,
-) -> Awaitable[Any]:
-    """Run ``script`` (EVALSHA, loading it once), on ``client`` (a pipeline)
-    or the script's own client."""
-    request: Awaitable[Any] = script(keys=keys, args=args, client=client)
-    return request
-
-
-# KEYS: a sorted set of leases.  ARGV: member, lease ms.  Adds the member
-# again if Redis lost it (a restart, a failover): it is still live here.
-_RENEW = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
+def _load_scripts(pipe: coredis.patterns.pipeline.Pipeline[bytes]) -> None:
+    """Queue ``SCRIPT LOAD`` of every script on ``pipe`` (Redis answers each
+    with the SHA1 that :class:`_Lua` computed)."""
+    for script in _SCRIPTS:
+        pipe.script_load(script.source)
