@@ -6,7 +6,9 @@ Theory of operation
 A complete command line from the client goes through, in order:
 
 1. the screen: a line too long for the extensions shown (RFC 5321
-   4.5.3.1.4), a NUL, a verb refused by ``commands.refuse``, a non-SMTP line;
+   4.5.3.1.4), a NUL, a verb refused by ``commands.refuse``, an HTTP line
+   (the session's line reading has already answered what is not a line at
+   all: a TLS record, a bare CR or LF, a line over the base limit);
 2. the order (:func:`.rules.verdict` over every state the replies in flight
    may lead to): in sequence, out of sequence (503, or only observed), or
    ``HOLD`` when it depends on a reply still in flight (the caller keeps the
@@ -27,8 +29,6 @@ decisions for the verbs without a local answer, without the set algebra.
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from . import bdat, local
 from . import policy as P
 from . import replies as R
@@ -37,6 +37,7 @@ from .defences import Defences
 from .events import CloseReason, LocalReply, PolicyAction
 from .exchange import Exchange
 from .greeting import Deferred
+from .lifecycle import Lifecycle
 from .limits import rate_refusal
 from .limits import refusal as limit_refusal
 from .message import MessageContent
@@ -68,20 +69,6 @@ from .syntax import SHAPE_OF
 _OBSERVE, _REJECT, _DISCONNECT = Action.OBSERVE, Action.REJECT, Action.DISCONNECT
 
 
-class Host(Protocol):
-    """The session's own acts: its replies count toward its error limit, and
-    only it ends."""
-
-    @property
-    def client_done(self) -> bool: ...
-    def local(self, verb: Verb, reply: R.Reply, /, **fields: str) -> None: ...
-    def end_after_replies(
-        self, reply: R.Reply | None, reason: CloseReason = CloseReason.POLICY
-    ) -> None: ...
-    def abort(self, reason: str) -> None: ...
-    def non_smtp(self, detail: str) -> bool: ...
-
-
 class Commands:
     """Decides and carries out the client's command lines."""
 
@@ -101,15 +88,23 @@ class Commands:
         self,
         ex: Exchange,
         options: SessionOptions,
-        parts: tuple[Defences, ArgumentGuard, Deferred, StartTls, MessageContent],
+        *,
+        defences: Defences,
+        syntax: ArgumentGuard,
+        deferred: Deferred,
+        tls: StartTls,
+        message: MessageContent,
+        life: Lifecycle,
         buf: bytearray,
-        host: Host,
     ) -> None:
         self._ex = ex
         self._options = options
-        self._defences, self._syntax, self._deferred, self._tls, self._message = parts
+        self._defences, self._syntax, self._deferred = defences, syntax, deferred
+        self._tls, self._message = tls, message
+        #: The session's end: local replies count toward its error limit
+        #: there, and only it ends the session.
+        self._host = life
         self._buf = buf  # the client's unread bytes
-        self._host = host
 
     # --------------------------------------------------------- the screen
 

@@ -64,13 +64,17 @@ class Exchange:
         if self.queue.push(slot):
             self.flush()
 
-    def local(self, verb: Verb, reply: R.Reply, fields: dict[str, str]) -> None:
-        """Answer ``verb`` with smtpguard's own ``reply``, in its turn."""
+    def local_reply(self, verb: Verb, reply: R.Reply, fields: dict[str, str]) -> None:
+        """Answer ``verb`` with smtpguard's own ``reply``, in its turn.
+
+        Not counted toward the error limit: parts answer through
+        :meth:`.lifecycle.Lifecycle.local`, which counts; this is for a
+        reply that can never be an error (STARTTLS's 220)."""
         self.events.append(LocalReply(verb, reply.code))
         self.push(Slot(verb, verb, lambda enhanced: reply.render(enhanced, **fields)))
 
-    def say(self, reply: R.Reply, hostname: str) -> None:
-        """A last reply, now, ahead of nothing (the session is ending)."""
+    def last_reply(self, reply: R.Reply, hostname: str) -> None:
+        """The session's last reply, written now (it is ending)."""
         # 421s carry their enhanced code even before EHLO, as Postfix's do.
         self.to_client += reply.render(True, hostname=hostname)
         self.events.append(LocalReply(Verb.UNKNOWN, reply.code))

@@ -8,7 +8,9 @@ A session ends in one of three ways:
   go out, then a 421 or 554 of smtpguard's own;
 - after the replies owed (:meth:`Lifecycle.end_after_replies`): a policy
   stops reading the client; once every reply owed is out, its last reply
-  (if any) follows.
+  (if any) follows;
+- or as the upstream ends it (:meth:`Lifecycle.close`): its 221 or 421 is
+  relayed, then the session closes.
 
 Error replies count toward Postfix's hard error limit
 (``smtpd_hard_error_limit``): smtpguard's own (:meth:`Lifecycle.local`) and
@@ -49,7 +51,10 @@ class Lifecycle:
         self,
         ex: Exchange,
         options: SessionOptions,
-        parts: tuple[Defences, MessageContent, StartTls],
+        *,
+        defences: Defences,
+        message: MessageContent,
+        tls: StartTls,
         buf: bytearray,
     ) -> None:
         #: Why the session ended, once it has.
@@ -61,12 +66,16 @@ class Lifecycle:
         self.client_done = False
         self._ex = ex
         self._options = options
-        self._defences, self._message, self._tls = parts
+        self._defences, self._message, self._tls = defences, message, tls
         self._buf = buf  # the client's unread bytes
+
+    def close(self, reason: CloseReason) -> None:
+        """Close now: the last words (the upstream's own, or smtpguard's) are out."""
+        self.close_reason = reason
 
     def local(self, verb: Verb, reply: R.Reply, /, **fields: str) -> None:
         """Answer ``verb`` locally; error replies count toward the error limit."""
-        self._ex.local(verb, reply, fields)
+        self._ex.local_reply(verb, reply, fields)
         if reply.code >= 400 and reply.code != 421:
             self.count_error()
 
@@ -96,7 +105,7 @@ class Lifecycle:
         if self.final is not None:
             reply, reason = self.final
             if reply is not None:
-                self._ex.say(reply, self._options.hostname)
+                self._ex.last_reply(reply, self._options.hostname)
             if self._message.under_way:
                 self.abort(reason)
             else:
@@ -113,7 +122,7 @@ class Lifecycle:
         if self._message.under_way:
             ex.abandon_message()
         if not self._tls.pending:
-            ex.say(reply, self._options.hostname)
+            ex.last_reply(reply, self._options.hostname)
         # else: after "220 Ready to start TLS" the client reads TLS records:
         # a plaintext reply would be garbage to it; the session just closes.
         ex.to_upstream.clear()
@@ -147,7 +156,7 @@ class Lifecycle:
         if self.close_reason is not None:
             return
         if self._ex.state.phase is Phase.CLOSED:
-            self.close_reason = _C.QUIT
+            self.close(_C.QUIT)
             return
         self.fail(R.UPSTREAM_LOST, _C.UPSTREAM_CLOSED)
 

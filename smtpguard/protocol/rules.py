@@ -41,7 +41,13 @@ Around those two tables, the rest of the order is data too:
     not part of the :class:`State`: what the client was offered, whether
     smtpguard has a certificate, whether AUTH needs TLS ...), checked in
     order; the first condition that holds decides.  ``APPLIED_LOCALLY``
-    lists the steps whose local 2xx moves the state as the upstream's would.
+    lists the answers (:class:`Answer`) whose local 2xx moves the state as the
+    upstream's would; ``WAIT_FOR_REPLIES`` those that wait until no reply
+    is in flight (they change the state the replies would apply to).
+``FAST_VERBS``
+    the verbs a command alone on the wire may be forwarded with by the fast
+    path, which checks the order (``permitted``) and REIDENTIFY only: so
+    they are the client verbs whose only local answer is REIDENTIFY.
 ``GROUP_ENDERS``
     commands after which a pipelining client must wait (RFC 2920 3.1).
 
@@ -406,9 +412,10 @@ LOCAL_ANSWERS: dict[Verb, tuple[tuple[Condition, Reply | Answer], ...]] = {
     Verb.HELP: ((Condition.HELP_LOCAL, Answer.HELP),),
 }
 
-#: Verbs a command in sequence may be forwarded with and no local answer
-#: possible, but after STARTTLS (EHLO/HELO): the fast path's (the others
-#: need the facts of :data:`LOCAL_ANSWERS`, or are never forwarded).
+#: The fast path's verbs (see the module docstring): the client verbs that
+#: are forwarded when in sequence, but for EHLO/HELO after STARTTLS
+#: (REIDENTIFY).  The others need the facts of :data:`LOCAL_ANSWERS` or are
+#: never forwarded.
 FAST_VERBS: frozenset[Verb] = frozenset(
     verb
     for verb in CLIENT_VERBS

@@ -10,13 +10,15 @@ the bytes to write (:meth:`Session.take_client_bytes`,
 (:meth:`Session.take_events`).  Once :attr:`Session.closed` is true it
 writes what is left and closes both sides.
 
-The session coordinates: it frames the client's bytes, hands each piece to
-the part that decides it, passes the upstream's replies on, and ends the
-session.  Its parts act on one :class:`.exchange.Exchange` (the bytes owed
-to each side, the reply queue, the state): :mod:`.commands` (a command
+The session coordinates: it frames the client's bytes (command and SASL
+lines, what is no line at all) and hands each piece to the part that
+decides it.  The parts act on one :class:`.exchange.Exchange` (the bytes
+owed to each side, the reply queue, the state): :mod:`.commands` (a command
 line), :mod:`.message` (a DATA body, a BDAT chunk), :mod:`.starttls`,
-:mod:`.greeting` (deferred connect), :mod:`.upstream` (what a reply is and
-teaches), :mod:`.defences` (the policy's decisions and counters).
+:mod:`.relay` (the upstream's replies), :mod:`.lifecycle` (how the session
+ends, the error limit), :mod:`.greeting` (deferred connect),
+:mod:`.arguments` (the syntax guard), :mod:`.defences` (the policy's
+decisions and counters).
 
 The state moves only on the upstream's replies.  A new command is decided
 against every state the replies in flight may lead to: permitted in all,
@@ -30,7 +32,7 @@ are a body or a SASL line only if the reply says so, so they wait for it.
 
 from __future__ import annotations
 
-from . import ehlo, greeting, upstream
+from . import ehlo, greeting
 from . import policy as P
 from . import replies as R
 from .arguments import ArgumentGuard
@@ -51,7 +53,6 @@ from .starttls import StartTls
 
 __all__ = ["Session", "SessionOptions"]
 
-_RELAY, _INTERNAL, _UNSOLICITED = upstream.RELAY, upstream.INTERNAL, upstream.UNSOLICITED
 _C = CloseReason
 
 
@@ -93,10 +94,23 @@ class Session:
         self._syntax = syntax = ArgumentGuard(opts.policy.syntax, ex.events)
         self._tls = tls = StartTls(ex, opts, defences, self._use)
         self._message = message = MessageContent(ex, opts, defences)
-        self._life = life = Lifecycle(ex, opts, (defences, message, tls), self._buf)
-        parts = (defences, syntax, deferred, tls, message)
-        self._commands = Commands(ex, opts, parts, self._buf, life)
-        self._relay = Relay(ex, opts, (deferred, tls, message), self._use, life.count_error)
+        self._life = life = Lifecycle(
+            ex, opts, defences=defences, message=message, tls=tls, buf=self._buf
+        )
+        self._commands = Commands(
+            ex,
+            opts,
+            defences=defences,
+            syntax=syntax,
+            deferred=deferred,
+            tls=tls,
+            message=message,
+            life=life,
+            buf=self._buf,
+        )
+        self._relay = Relay(
+            ex, opts, deferred=deferred, tls=tls, message=message, life=life, use=self._use
+        )
 
     # ------------------------------------------------------------ outputs
 
@@ -229,13 +243,7 @@ class Session:
             life.fail(R.UPSTREAM_LOST, _C.UPSTREAM_ERROR)
             return
         for reply in replies:
-            ending = self._relay.reply(reply)
-            if ending is not None:
-                last, reason = ending
-                if last is None:
-                    life.close_reason = reason
-                else:
-                    life.fail(last, reason)
+            self._relay.reply(reply)
             if life.close_reason is not None:
                 return
         self._ex.flush()
@@ -316,7 +324,7 @@ class Session:
         if first is greeting.FirstLine.QUIT:
             self._buf.clear()
             self._life.local(Verb.QUIT, R.BYE)
-            self._life.close_reason = _C.QUIT
+            self._life.close(_C.QUIT)
         elif first is greeting.FirstLine.TLS:
             self._life.non_smtp("TLS handshake on a plaintext port")
         elif first is greeting.FirstLine.HTTP:

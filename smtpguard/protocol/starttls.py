@@ -55,7 +55,7 @@ class StartTls:
             self.injection("plaintext pipelined after STARTTLS")
             buf.clear()
         ex = self._ex
-        ex.local(Verb.STARTTLS, R.STARTTLS_READY, {})
+        ex.local_reply(Verb.STARTTLS, R.STARTTLS_READY, {})
         self.reidentify = self.upstream_ehlo is not None
         self._use(ehlo.after_starttls(ex.caps))
         self.pending = True

@@ -27,6 +27,7 @@ from smtpguard.protocol.options import SessionOptions
 from smtpguard.protocol.policy import Policy
 from smtpguard.protocol.relay import Relay
 from smtpguard.protocol.rules import Phase, State, Verb
+from smtpguard.protocol.session import Session
 from smtpguard.protocol.starttls import StartTls
 
 READY = State(Phase.READY, esmtp=True)
@@ -50,20 +51,36 @@ class Parts:
         self.used: list[ehlo.Capabilities] = []
         self.tls = StartTls(ex, self.options, self.defences, self.use)
         self.message = MessageContent(ex, self.options, self.defences)
-        self.life = Lifecycle(ex, self.options, (self.defences, self.message, self.tls), self.buf)
-        self.commands = Commands(
+        self.life = Lifecycle(
             ex,
             self.options,
-            (self.defences, self.syntax, self.deferred, self.tls, self.message),
-            self.buf,
-            self.life,
+            defences=self.defences,
+            message=self.message,
+            tls=self.tls,
+            buf=self.buf,
         )
+        self.commands = self.commands_with(self.options)
         self.relay = Relay(
             ex,
             self.options,
-            (self.deferred, self.tls, self.message),
-            self.use,
-            self.life.count_error,
+            deferred=self.deferred,
+            tls=self.tls,
+            message=self.message,
+            life=self.life,
+            use=self.use,
+        )
+
+    def commands_with(self, options: SessionOptions) -> Commands:
+        return Commands(
+            self.ex,
+            options,
+            defences=self.defences,
+            syntax=self.syntax,
+            deferred=self.deferred,
+            tls=self.tls,
+            message=self.message,
+            life=self.life,
+            buf=self.buf,
         )
 
     def use(self, caps: ehlo.Capabilities) -> None:
@@ -77,7 +94,7 @@ class Parts:
 def test_exchange_local_reply_waits_for_the_replies_before_it() -> None:
     ex = Exchange(READY)
     ex.forward(Verb.MAIL, Verb.MAIL, b"MAIL FROM:<a@b.example>")
-    ex.local(Verb.NOOP, R.BAD_SEQUENCE, {"expected": "x"})
+    ex.local_reply(Verb.NOOP, R.BAD_SEQUENCE, {"expected": "x"})
     assert ex.take_upstream() == b"MAIL FROM:<a@b.example>\r\n"
     assert ex.take_client() == b""  # the 503 waits behind MAIL's reply
     ex.queue.inflight.popleft().reply = b"250 ok\r\n"
@@ -179,7 +196,8 @@ def test_lifecycle_upstream_eof_after_quit_is_a_quit() -> None:
 def test_relay_moves_the_state_and_relays_in_order() -> None:
     p = Parts()
     p.ex.forward(Verb.MAIL, Verb.MAIL, b"MAIL FROM:<>")
-    assert p.relay.reply(one_reply(b"250 2.1.0 Ok\r\n")) is None
+    p.relay.reply(one_reply(b"250 2.1.0 Ok\r\n"))
+    assert p.life.close_reason is None
     p.ex.flush()
     assert p.ex.take_client() == b"250 2.1.0 Ok\r\n"
     assert p.ex.state.phase is Phase.MAIL and p.relay.replies == 1
@@ -189,25 +207,25 @@ def test_relay_moves_the_state_and_relays_in_order() -> None:
 def test_relay_unsolicited_421_closes_and_abandons_the_message() -> None:
     p = Parts(State(Phase.DATA, esmtp=True))
     p.message.open_body()
-    ending = p.relay.reply(one_reply(b"421 4.3.2 going down\r\n"))
-    assert ending == (None, CloseReason.UPSTREAM_CLOSED)
+    p.relay.reply(one_reply(b"421 4.3.2 going down\r\n"))
+    assert p.life.close_reason is CloseReason.UPSTREAM_CLOSED
     assert p.ex.take_client() == b"421 4.3.2 going down\r\n"
     assert any(isinstance(e, MessageDone) for e in p.ex.take_events())
 
 
 def test_relay_a_reply_nobody_asked_for_is_a_broken_upstream() -> None:
     p = Parts()
-    assert p.relay.reply(one_reply(b"250 what\r\n")) == (
-        R.UPSTREAM_LOST,
-        CloseReason.UPSTREAM_ERROR,
-    )
+    p.relay.reply(one_reply(b"250 what\r\n"))
+    assert p.life.close_reason is CloseReason.UPSTREAM_ERROR
+    assert p.ex.take_client().startswith(b"421 4.4.2 ")
 
 
 def test_relay_consumes_the_reply_to_its_own_rset() -> None:
     p = Parts(State(Phase.RCPT, esmtp=True))
     p.ex.send_internal(Verb.RSET)
-    assert p.relay.reply(one_reply(b"250 2.0.0 Ok\r\n")) is None
+    p.relay.reply(one_reply(b"250 2.0.0 Ok\r\n"))
     p.ex.flush()
+    assert p.life.close_reason is None
     assert p.ex.take_client() == b"" and p.ex.state.phase is Phase.READY
 
 
@@ -215,7 +233,7 @@ def test_relay_remembers_the_ehlo_reply_for_after_starttls() -> None:
     p = Parts(State(Phase.CONNECTED))
     p.ex.forward(Verb.EHLO, Verb.EHLO, b"EHLO c.example")
     reply = b"250-up.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-    assert p.relay.reply(one_reply(reply)) is None
+    p.relay.reply(one_reply(reply))
     assert p.tls.upstream_ehlo == (
         b"250-up.example\r\n",
         b"250-PIPELINING\r\n",
@@ -308,10 +326,7 @@ def test_commands_fast_line_takes_only_a_whole_line_in_sequence() -> None:
 
 def test_commands_starttls_moves_the_state_as_the_upstreams_220_would() -> None:
     p = Parts()
-    p.options = options = SessionOptions(tls_offered=True)
-    p.commands = Commands(
-        p.ex, options, (p.defences, p.syntax, p.deferred, p.tls, p.message), p.buf, p.life
-    )
+    p.commands = p.commands_with(SessionOptions(tls_offered=True))
     p.ex.forward(Verb.NOOP, Verb.NOOP, b"NOOP")
     p.commands.line(b"STARTTLS")
     assert not p.tls.pending  # waits: a reply in flight applies to the old state
@@ -320,3 +335,29 @@ def test_commands_starttls_moves_the_state_as_the_upstreams_220_would() -> None:
     p.ex.recompute()
     assert p.commands.decide(Verb.STARTTLS, b"STARTTLS")
     assert p.tls.pending and p.ex.state == State(Phase.CONNECTED, tls=True)
+
+
+def test_relay_quit_reply_closes_as_quit() -> None:
+    p = Parts()
+    p.ex.forward(Verb.QUIT, Verb.QUIT, b"QUIT")
+    p.relay.reply(one_reply(b"221 2.0.0 Bye\r\n"))
+    assert p.life.close_reason is CloseReason.QUIT
+    assert p.ex.take_client() == b"221 2.0.0 Bye\r\n"
+
+
+# --------------------------------------------------------- the wiring
+
+
+def test_the_session_parts_share_one_buffer_and_one_event_list() -> None:
+    # The parts hold the client buffer and the event list by reference: a
+    # part that rebinds either (``buf = bytearray()``) would silently lose
+    # bytes or events.
+    s = Session(SessionOptions())
+    buf = s._buf
+    assert s._lines.buf is buf and s._life._buf is buf and s._commands._buf is buf
+    events = s._ex.events
+    assert s._defences.events is events and s._syntax._events is events
+    s.receive_upstream(b"220 up\r\n")
+    s.receive_client(b"EHLO c\r\nNOOP\r\n")
+    s.client_eof()
+    assert s._buf is buf and s._ex.events is events
